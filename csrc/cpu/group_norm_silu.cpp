@@ -1,0 +1,481 @@
+// group_norm_silu on the CPU: at::vec vectorised, at::parallel_for threaded. Maths in
+// csrc/group_norm_silu.h. Work is cut into "tasks" that never straddle a (sample, group):
+//  - NCHW: a group is D contiguous rows of HW; a task is one row (or a slice of it).
+//  - channels-last: a sample is HW rows of C; a task is a block of pixel rows of one sample.
+// When there are at least as many groups (NCHW) or samples (channels-last) as threads, each thread
+// owns whole groups/samples and reads them a second time while they are still in its cache;
+// otherwise the tasks of one group/sample are spread over the threads.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/vec.h"
+#include "dispatch.h"
+#include "group_norm_silu.h"
+
+namespace genkern::cpu {
+namespace {
+
+constexpr int64_t kFlush = 4096;     // fp32 partial sums of a row cover at most this many elements
+constexpr int64_t kFlushRows = 256;  // ... and of channels-last rows at most this many pixels
+constexpr int64_t kMinTask = 4096;   // smallest slice worth a task of its own when splitting
+
+// ---------------------------------------------------------------------------------------------
+// Inner loops over one contiguous row. P is Broadcast (NCHW) or PerLane (channels-last).
+
+template <typename T>
+inline std::pair<double, double> shifted_sums(const T* x, int64_t n, float pivot) {
+  const Vec vp(pivot);
+  double s1 = 0, s2 = 0;
+  for (int64_t i = 0; i < n;) {
+    const int64_t end = std::min(n, i + kFlush);
+    Vec a1(0.f), a2(0.f), b1(0.f), b2(0.f);
+    for (; i + VecIO<T>::kStep <= end; i += VecIO<T>::kStep) {
+      Vec va, vb;
+      VecIO<T>::load(x + i, va, vb);
+      va = va - vp;
+      vb = vb - vp;
+      a1 = a1 + va;
+      a2 = at::vec::fmadd(va, va, a2);
+      b1 = b1 + vb;
+      b2 = at::vec::fmadd(vb, vb, b2);
+    }
+    float t1 = hsum(a1 + b1), t2 = hsum(a2 + b2);
+    for (; i < end; ++i) {
+      const float v = static_cast<float>(x[i]) - pivot;
+      t1 += v;
+      t2 += v * v;
+    }
+    s1 += t1;
+    s2 += t2;
+  }
+  return {s1, s2};
+}
+
+// acc1[c] += x[c] - pivot[c]; acc2[c] += (x[c] - pivot[c])^2 over one channels-last row.
+template <typename T>
+inline void shifted_sums_lanes(const T* x, int64_t C, const float* pivot, float* acc1, float* acc2) {
+  int64_t c = 0;
+  for (; c + VecIO<T>::kStep <= C; c += VecIO<T>::kStep) {
+    Vec va, vb;
+    VecIO<T>::load(x + c, va, vb);
+    va = va - Vec::loadu(pivot + c);
+    vb = vb - Vec::loadu(pivot + c + kVec);
+    (Vec::loadu(acc1 + c) + va).store(acc1 + c);
+    (Vec::loadu(acc1 + c + kVec) + vb).store(acc1 + c + kVec);
+    at::vec::fmadd(va, va, Vec::loadu(acc2 + c)).store(acc2 + c);
+    at::vec::fmadd(vb, vb, Vec::loadu(acc2 + c + kVec)).store(acc2 + c + kVec);
+  }
+  for (; c < C; ++c) {
+    const float v = static_cast<float>(x[c]) - pivot[c];
+    acc1[c] += v;
+    acc2[c] += v * v;
+  }
+}
+
+// y = act(x * a + b)
+template <typename T, Activation A, typename P>
+inline void affine_act(const T* x, T* y, int64_t n, P a, P b) {
+  int64_t i = 0;
+  for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
+    Vec va, vb;
+    VecIO<T>::load(x + i, va, vb);
+    va = ActVec<A>::f(at::vec::fmadd(va, a.vec(i), b.vec(i)));
+    vb = ActVec<A>::f(at::vec::fmadd(vb, a.vec(i + kVec), b.vec(i + kVec)));
+    VecIO<T>::store(y + i, va, vb);
+  }
+  for (; i < n; ++i) y[i] = static_cast<T>(Act<A>::f(static_cast<float>(x[i]) * a.at(i) + b.at(i)));
+}
+
+// Backward, pass 1: du = dy * act'(x * a + b); accumulates du * (x - mu) and du.
+
+template <typename T, Activation A, typename P>
+inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float* dsc, float* db,
+                      bool per_lane_out) {
+  // per_lane_out: accumulate into dsc[i], db[i] (channels-last); else into dsc[0], db[0].
+  Vec s1(0.f), s2(0.f);
+  int64_t i = 0;
+  for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
+    Vec xa, xb, ga, gb;
+    VecIO<T>::load(x + i, xa, xb);
+    VecIO<T>::load(dy + i, ga, gb);
+    const Vec dua = ga * ActVec<A>::df(at::vec::fmadd(xa, a.vec(i), b.vec(i)));
+    const Vec dub = gb * ActVec<A>::df(at::vec::fmadd(xb, a.vec(i + kVec), b.vec(i + kVec)));
+    const Vec ca = (xa - mu.vec(i)) * dua, cb = (xb - mu.vec(i + kVec)) * dub;
+    if (per_lane_out) {
+      (Vec::loadu(dsc + i) + ca).store(dsc + i);
+      (Vec::loadu(dsc + i + kVec) + cb).store(dsc + i + kVec);
+      (Vec::loadu(db + i) + dua).store(db + i);
+      (Vec::loadu(db + i + kVec) + dub).store(db + i + kVec);
+    } else {
+      s1 = s1 + ca + cb;
+      s2 = s2 + dua + dub;
+    }
+  }
+  float t1 = 0.f, t2 = 0.f;
+  for (; i < n; ++i) {
+    const float xv = static_cast<float>(x[i]);
+    const float du = static_cast<float>(dy[i]) * Act<A>::df(xv * a.at(i) + b.at(i));
+    if (per_lane_out) {
+      dsc[i] += du * (xv - mu.at(i));
+      db[i] += du;
+    } else {
+      t1 += du * (xv - mu.at(i));
+      t2 += du;
+    }
+  }
+  if (!per_lane_out) {
+    dsc[0] += hsum(s1) + t1;
+    db[0] += hsum(s2) + t2;
+  }
+}
+
+// Backward, pass 2: dx = k1 * du + k2 * (x - mu) + k3.
+template <typename T, Activation A, typename P>
+inline void grad_apply(const T* x, const T* dy, T* dx, int64_t n, P a, P b, P mu, P k1, P k2, P k3) {
+  int64_t i = 0;
+  for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
+    Vec x2[2], g2[2];
+    VecIO<T>::load(x + i, x2[0], x2[1]);
+    VecIO<T>::load(dy + i, g2[0], g2[1]);
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = i + h * kVec;
+      const Vec du = g2[h] * ActVec<A>::df(at::vec::fmadd(x2[h], a.vec(j), b.vec(j)));
+      x2[h] = at::vec::fmadd(k1.vec(j), du, at::vec::fmadd(k2.vec(j), x2[h] - mu.vec(j), k3.vec(j)));
+    }
+    VecIO<T>::store(dx + i, x2[0], x2[1]);
+  }
+  for (; i < n; ++i) {
+    const float xv = static_cast<float>(x[i]);
+    const float du = static_cast<float>(dy[i]) * Act<A>::df(xv * a.at(i) + b.at(i));
+    dx[i] = static_cast<T>(k1.at(i) * du + k2.at(i) * (xv - mu.at(i)) + k3.at(i));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scheduling helpers.
+
+// Runs fn(begin, end) over [0, n): threaded, or inline when the caller is already one thread's job.
+template <typename Fn>
+inline void maybe_parallel(bool parallel, int64_t n, const Fn& fn) {
+  if (parallel) {
+    at::parallel_for(0, n, 1, fn);
+  } else if (n > 0) {
+    fn(0, n);
+  }
+}
+
+// Runs body(unit, split) for unit in [0, units): whole units per thread when there are enough of
+// them, else one unit at a time with `split` = true so that the body spreads it over the threads.
+template <typename Fn>
+inline void for_each_unit(int64_t units, const Fn& body) {
+  if (units >= at::get_num_threads()) {
+    at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
+      for (int64_t u = b; u < e; ++u) body(u, false);
+    });
+  } else {
+    for (int64_t u = 0; u < units; ++u) body(u, true);
+  }
+}
+
+// How many slices to cut a row of n elements into when spreading `rows` rows over the threads.
+inline int64_t slices_per_row(bool split, int64_t rows, int64_t n) {
+  if (!split) return 1;
+  const int64_t want = (4 * at::get_num_threads() + rows - 1) / rows;
+  return std::max<int64_t>(1, std::min(want, n / kMinTask));
+}
+
+inline void mean_rstd(double s1, double s2, double count, float pivot, double eps, float& mu, float& r) {
+  const double m = s1 / count;
+  const double var = std::max(s2 / count - m * m, 0.0);
+  mu = static_cast<float>(pivot + m);
+  r = static_cast<float>(1.0 / std::sqrt(var + eps));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename T, Activation A>
+void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
+                  const GroupNormShape& s, double eps) {
+  const int64_t M = s.D * s.HW;
+  for_each_unit(s.N * s.G, [&](int64_t ng, bool split) {
+    const T* xg = x + ng * M;
+    T* yg = y + ng * M;
+    const int64_t g = ng % s.G;
+    const float pivot = static_cast<float>(xg[0]);
+    const int64_t K = slices_per_row(split, s.D, s.HW), L = (s.HW + K - 1) / K;
+    std::vector<double> part(2 * s.D * K, 0.0);
+    maybe_parallel(split, s.D * K, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L);
+        if (lo >= hi) continue;
+        std::tie(part[2 * t], part[2 * t + 1]) = shifted_sums(xg + d * s.HW + lo, hi - lo, pivot);
+      }
+    });
+    double s1 = 0, s2 = 0;
+    for (int64_t t = 0; t < s.D * K; ++t) s1 += part[2 * t], s2 += part[2 * t + 1];
+    float mu, r;
+    mean_rstd(s1, s2, static_cast<double>(M), pivot, eps, mu, r);
+    mean[ng] = mu;
+    rstd[ng] = r;
+    maybe_parallel(split, s.D * K, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L);
+        if (lo >= hi) continue;
+        const int64_t c = g * s.D + d;
+        const float a = r * w[c];
+        const int64_t off = d * s.HW + lo;
+        affine_act<T, A>(xg + off, yg + off, hi - lo, Broadcast{a}, Broadcast{b[c] - mu * a});
+      }
+    });
+  });
+}
+
+// Pixel blocks of one channels-last sample: [blk * P, min(HW, (blk + 1) * P)).
+struct PixelBlocks {
+  int64_t count, size;
+  PixelBlocks(bool split, int64_t HW, int64_t C) {
+    count = split ? std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(),
+                                                            HW * C / kMinTask)) : 1;
+    size = (HW + count - 1) / count;
+  }
+};
+
+template <typename T, Activation A>
+void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
+                  const GroupNormShape& s, double eps) {
+  const int64_t C = s.C, HW = s.HW;
+  for_each_unit(s.N, [&](int64_t n, bool split) {
+    const T* xn = x + n * HW * C;
+    T* yn = y + n * HW * C;
+    std::vector<float> pivot(C), a(C), bb(C);
+    for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<float>(xn[(c / s.D) * s.D]);
+    const PixelBlocks pb(split, HW, C);
+    std::vector<double> part(2 * pb.count * C, 0.0);
+    maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
+      std::vector<float> acc(2 * C);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t p_end = std::min(HW, (blk + 1) * pb.size);
+        double* out = part.data() + 2 * blk * C;
+        for (int64_t p = blk * pb.size; p < p_end;) {
+          const int64_t q = std::min(p_end, p + kFlushRows);
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (; p < q; ++p) shifted_sums_lanes(xn + p * C, C, pivot.data(), acc.data(), acc.data() + C);
+          for (int64_t c = 0; c < C; ++c) out[c] += acc[c], out[C + c] += acc[C + c];
+        }
+      }
+    });
+    for (int64_t g = 0; g < s.G; ++g) {
+      double s1 = 0, s2 = 0;
+      for (int64_t blk = 0; blk < pb.count; ++blk)
+        for (int64_t c = g * s.D; c < (g + 1) * s.D; ++c)
+          s1 += part[2 * blk * C + c], s2 += part[2 * blk * C + C + c];
+      float mu, r;
+      mean_rstd(s1, s2, static_cast<double>(s.D * HW), pivot[g * s.D], eps, mu, r);
+      mean[n * s.G + g] = mu;
+      rstd[n * s.G + g] = r;
+      for (int64_t c = g * s.D; c < (g + 1) * s.D; ++c) a[c] = r * w[c], bb[c] = b[c] - mu * a[c];
+    }
+    maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
+      for (int64_t p = b0 * pb.size; p < std::min(HW, b1 * pb.size); ++p)
+        affine_act<T, A>(xn + p * C, yn + p * C, C, PerLane{a.data()}, PerLane{bb.data()});
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward. dsc/dbs: float64 [N, C] sums per (sample, channel), reduced into dweight/dbias after.
+
+// Per (n, g): the coefficients of dx = k1 * du + k2 * (x - mu) + k3 for channel c.
+inline void dx_coefficients(const double* dsc, const double* dbs, const float* w, float r, int64_t c0,
+                            int64_t D, double M, float* k1, float* k2, float* k3) {
+  double A = 0, B = 0;
+  for (int64_t c = c0; c < c0 + D; ++c) A += w[c] * dbs[c], B += w[c] * r * dsc[c];
+  A /= M;
+  B /= M;
+  for (int64_t c = c0; c < c0 + D; ++c) {
+    k1[c] = r * w[c];
+    k2[c] = static_cast<float>(-double(r) * r * B);
+    k3[c] = static_cast<float>(-double(r) * A);
+  }
+}
+
+template <typename T, Activation A>
+void backward_nchw(const T* dy, const T* x, const float* w, const float* b, const float* mean,
+                   const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s) {
+  const int64_t M = s.D * s.HW;
+  for_each_unit(s.N * s.G, [&](int64_t ng, bool split) {
+    const int64_t n = ng / s.G, g = ng % s.G, c0 = g * s.D, off0 = ng * M;
+    const float mu = mean[ng], r = rstd[ng];
+    const int64_t K = slices_per_row(split, s.D, s.HW), L = (s.HW + K - 1) / K;
+    std::vector<float> part(2 * s.D * K, 0.f);
+    maybe_parallel(split, s.D * K, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L);
+        if (lo >= hi) continue;
+        const float a = r * w[c0 + d];
+        const int64_t off = off0 + d * s.HW + lo;
+        grad_sums<T, A>(x + off, dy + off, hi - lo, Broadcast{a}, Broadcast{b[c0 + d] - mu * a},
+                        Broadcast{mu}, &part[2 * t], &part[2 * t + 1], false);
+      }
+    });
+    for (int64_t t = 0; t < s.D * K; ++t) {
+      dsc[n * s.C + c0 + t / K] += part[2 * t];
+      dbs[n * s.C + c0 + t / K] += part[2 * t + 1];
+    }
+    std::vector<float> k(3 * s.C);
+    dx_coefficients(dsc + n * s.C, dbs + n * s.C, w, r, c0, s.D, double(M), k.data(),
+                    k.data() + s.C, k.data() + 2 * s.C);
+    maybe_parallel(split, s.D * K, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L), c = c0 + d;
+        if (lo >= hi) continue;
+        const float a = r * w[c];
+        const int64_t off = off0 + d * s.HW + lo;
+        grad_apply<T, A>(x + off, dy + off, dx + off, hi - lo, Broadcast{a}, Broadcast{b[c] - mu * a},
+                         Broadcast{mu}, Broadcast{k[c]}, Broadcast{k[s.C + c]}, Broadcast{k[2 * s.C + c]});
+      }
+    });
+  });
+}
+
+template <typename T, Activation A>
+void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, const float* mean,
+                   const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s) {
+  const int64_t C = s.C, HW = s.HW;
+  for_each_unit(s.N, [&](int64_t n, bool split) {
+    const int64_t base = n * HW * C;
+    // per channel: a, b (to recompute u), mu, and the dx coefficients k1..k3
+    std::vector<float> prm(6 * C);
+    float *a = prm.data(), *bb = a + C, *mu = bb + C, *k1 = mu + C, *k2 = k1 + C, *k3 = k2 + C;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t ng = n * s.G + c / s.D;
+      mu[c] = mean[ng];
+      a[c] = rstd[ng] * w[c];
+      bb[c] = b[c] - mu[c] * a[c];
+    }
+    const PixelBlocks pb(split, HW, C);
+    std::vector<double> part(2 * pb.count * C, 0.0);
+    maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
+      std::vector<float> acc(2 * C);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t p_end = std::min(HW, (blk + 1) * pb.size);
+        double* out = part.data() + 2 * blk * C;
+        for (int64_t p = blk * pb.size; p < p_end;) {
+          const int64_t q = std::min(p_end, p + kFlushRows);
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (; p < q; ++p)
+            grad_sums<T, A>(x + base + p * C, dy + base + p * C, C, PerLane{a}, PerLane{bb},
+                            PerLane{mu}, acc.data(), acc.data() + C, true);
+          for (int64_t c = 0; c < C; ++c) out[c] += acc[c], out[C + c] += acc[C + c];
+        }
+      }
+    });
+    for (int64_t blk = 0; blk < pb.count; ++blk)
+      for (int64_t c = 0; c < C; ++c)
+        dsc[n * C + c] += part[2 * blk * C + c], dbs[n * C + c] += part[2 * blk * C + C + c];
+    for (int64_t g = 0; g < s.G; ++g)
+      dx_coefficients(dsc + n * C, dbs + n * C, w, rstd[n * s.G + g], g * s.D, s.D,
+                      double(s.D * HW), k1, k2, k3);
+    maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
+      for (int64_t p = b0 * pb.size; p < std::min(HW, b1 * pb.size); ++p) {
+        const int64_t off = base + p * C;
+        grad_apply<T, A>(x + off, dy + off, dx + off, C, PerLane{a}, PerLane{bb}, PerLane{mu},
+                         PerLane{k1}, PerLane{k2}, PerLane{k3});
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op entry points (registered below for the CPU dispatch key).
+
+void check_cpu_isa() {
+#if defined(GENKERN_CPU_AVX2)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  TORCH_CHECK(ok, "genkern._C was built for AVX2+FMA but this CPU lacks them; rebuild with "
+                  "GENKERN_CPU_AVX2=0 pip install -e . --no-build-isolation");
+#endif
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    int64_t num_groups, double eps, c10::string_view activation) {
+  check_cpu_isa();
+  const Activation act = parse_activation(std::string(activation));
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "group_norm_silu: eps must be finite and >= 0, got ", eps);
+  const at::Tensor x = to_kernel_layout(x_in);
+  const GroupNormShape s = group_norm_shape(x, weight, bias, num_groups);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({s.N, s.G}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({s.N, s.G}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) {
+    mean.fill_(NAN), rstd.fill_(NAN);  // statistics of an empty group are undefined
+    return {y, mean, rstd};
+  }
+  const at::Tensor w = param_or(weight, x, 1.f), b = param_or(bias, x, 0.f);
+  GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu", [&] {
+    dispatch_activation(act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      auto kernel = s.channels_last ? forward_nhwc<scalar_t, A> : forward_nchw<scalar_t, A>;
+      kernel(x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
+             y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(),
+             s, eps);
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+    int64_t num_groups, c10::string_view activation) {
+  check_cpu_isa();
+  const Activation act = parse_activation(std::string(activation));
+  const at::Tensor x = to_kernel_layout(x_in);
+  const GroupNormShape s = group_norm_shape(x, weight, bias, num_groups);
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
+                    "group_norm_silu_backward: grad_y must match x in shape and dtype, got ",
+                    grad_y.sizes(), " ", grad_y.scalar_type(), " vs ", x.sizes(), " ", x.scalar_type());
+  check_saved_stats(mean_in, rstd_in, s);
+  // dy in the same memory layout as x, so both are walked with the same offsets.
+  const at::Tensor dy = grad_y.strides() == x.strides() ? grad_y : at::empty_like(x).copy_(grad_y);
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dsc = at::zeros({s.N, s.C}, x.options().dtype(at::kDouble));
+  at::Tensor dbs = at::zeros({s.N, s.C}, x.options().dtype(at::kDouble));
+  if (x.numel() == 0) {
+    return {dx, at::zeros({s.C}, x.options().dtype(param_grad_dtype(weight, x))),
+            at::zeros({s.C}, x.options().dtype(param_grad_dtype(bias, x)))};
+  }
+  {
+    const at::Tensor w = param_or(weight, x, 1.f), b = param_or(bias, x, 0.f);
+    GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward", [&] {
+      dispatch_activation(act, [&](auto a) {
+        constexpr Activation A = decltype(a)::value;
+        auto kernel = s.channels_last ? backward_nhwc<scalar_t, A> : backward_nchw<scalar_t, A>;
+        kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
+               b.const_data_ptr<float>(), mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
+               dx.mutable_data_ptr<scalar_t>(), dsc.mutable_data_ptr<double>(),
+               dbs.mutable_data_ptr<double>(), s);
+      });
+    });
+  }
+  // dweight_c = sum_n rstd[n, g(c)] * dsc[n, c];  dbias_c = sum_n dbs[n, c]
+  const at::Tensor r = rstd.to(at::kDouble).repeat_interleave(s.D, 1);
+  at::Tensor dw = (dsc * r).sum(0).to(param_grad_dtype(weight, x));
+  at::Tensor db = dbs.sum(0).to(param_grad_dtype(bias, x));
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genkern, CPU, m) {
+  m.impl("group_norm_silu", &group_norm_silu);
+  m.impl("group_norm_silu_backward", &group_norm_silu_backward);
+}
+
+}  // namespace genkern::cpu

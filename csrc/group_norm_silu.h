@@ -1,0 +1,92 @@
+// group_norm_silu: argument checks and the shape/layout description shared by the CPU and CUDA
+// kernels. The maths (see genkern/reference/group_norm_silu.py, the readable version):
+//   forward:  mu, rstd over each (n, group);  u = (x - mu) * rstd * w_c + b_c;  y = act(u)
+//   backward: du = dy * act'(u) with u recomputed from x, mu, rstd (nothing else is saved);
+//             per (n, c): dsc = sum_hw du * (x - mu),  db = sum_hw du
+//             dw_c = sum_n rstd * dsc,  db_c = sum_n db
+//             per (n, g): A = mean_g(w_c * du) = sum_c w_c db / M,  B = sum_c w_c rstd dsc / M
+//             dx = rstd * w_c * du - rstd * A - rstd^2 * B * (x - mu)
+// Statistics use sums of (x - pivot), pivot = the group's first element, so that the variance
+// E[(x-p)^2] - E[x-p]^2 does not cancel catastrophically for inputs with a large mean.
+#pragma once
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "activation.h"
+
+namespace genkern {
+
+struct GroupNormShape {
+  int64_t N, C, HW, G, D;  // D = channels per group; HW = product of the spatial sizes
+  bool channels_last;      // memory is [N, HW, C] rather than [N, C, HW]
+};
+
+// True when x is dense with the channels innermost: (N, *spatial, C) order in memory.
+inline bool is_channels_last_dense(const at::Tensor& x) {
+  if (x.dim() < 3 || x.is_contiguous()) return false;
+  std::vector<int64_t> perm{0};
+  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
+  perm.push_back(1);
+  return x.permute(perm).is_contiguous();
+}
+
+// The layouts the kernels read: NCHW-contiguous or channels-last-dense; anything else is copied.
+inline at::Tensor to_kernel_layout(const at::Tensor& x) {
+  return (x.is_contiguous() || is_channels_last_dense(x)) ? x : x.contiguous();
+}
+
+inline void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, "group_norm_silu: ", name,
+                   " must be float32, float16 or bfloat16, got ", s);
+}
+
+inline void check_param(const std::optional<at::Tensor>& p, const char* name, const at::Tensor& x) {
+  if (!p.has_value()) return;
+  check_float_dtype(*p, name);
+  TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == x.size(1), "group_norm_silu: ", name,
+                    " must have shape [C] = [", x.size(1), "], got ", p->sizes());
+  TORCH_CHECK_VALUE(p->device() == x.device(), "group_norm_silu: ", name, " is on ", p->device(),
+                    " but x is on ", x.device());
+}
+
+inline GroupNormShape group_norm_shape(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& bias, int64_t num_groups) {
+  TORCH_CHECK_VALUE(x.dim() >= 2, "group_norm_silu: x must have shape (N, C, *), got ", x.sizes());
+  check_float_dtype(x, "x");
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(num_groups > 0 && C % num_groups == 0, "group_norm_silu: num_groups (", num_groups,
+                    ") must be positive and divide the number of channels C=", C);
+  check_param(weight, "weight", x);
+  check_param(bias, "bias", x);
+  GroupNormShape s;
+  s.N = x.size(0);
+  s.C = C;
+  s.HW = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) s.HW *= x.size(d);
+  s.G = num_groups;
+  s.D = C / num_groups;
+  s.channels_last = is_channels_last_dense(x);
+  return s;
+}
+
+inline void check_saved_stats(const at::Tensor& mean, const at::Tensor& rstd, const GroupNormShape& s) {
+  for (const auto* t : {&mean, &rstd}) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->numel() == s.N * s.G,
+                      "group_norm_silu_backward: mean and rstd must be float32 with N*num_groups=",
+                      s.N * s.G, " elements, got ", t->scalar_type(), " with ", t->numel());
+  }
+}
+
+// Weight/bias as float32 [C] (ones/zeros when absent): the kernels always read float32 parameters.
+inline at::Tensor param_or(const std::optional<at::Tensor>& p, const at::Tensor& x, float fill) {
+  if (p.has_value()) return p->to(at::kFloat).contiguous();
+  return at::full({x.size(1)}, fill, x.options().dtype(at::kFloat));
+}
+
+inline at::ScalarType param_grad_dtype(const std::optional<at::Tensor>& p, const at::Tensor& x) {
+  return p.has_value() ? p->scalar_type() : x.scalar_type();
+}
+
+}  // namespace genkern

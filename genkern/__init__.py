@@ -1,0 +1,16 @@
+"""genkern: fused Triton and CUDA C++ kernels for diffusion models and GANs.
+
+    import genkern
+    y = genkern.group_norm_silu(x, num_groups=32, weight=w, bias=b)   # act(GroupNorm(x)), fused
+    layer = genkern.nn.GroupNormSiLU(32, 256)                          # drop-in for GroupNorm + SiLU
+    genkern.backends()                                                 # what can run here
+    with genkern.use_backend("triton"): ...                            # force an implementation
+"""
+from . import _extension  # noqa: F401  (loads genkern._C or warns once)
+from ._backend import backends, current_backend, use_backend
+from .ops import group_norm_silu
+from . import nn, reference
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "current_backend", "use_backend", "group_norm_silu", "nn", "reference", "__version__"]

@@ -1,0 +1,5 @@
+"""Public fused ops: argument checks, backend routing, dispatcher (fake + autograd) registration.
+One module per op; the kernels live in csrc/{cpu,cuda}/<op> and genkern/triton/<op>.py."""
+from .group_norm_silu import group_norm_silu
+
+__all__ = ["group_norm_silu"]

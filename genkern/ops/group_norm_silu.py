@@ -1,0 +1,147 @@
+"""genkern.group_norm_silu: y = act(GroupNorm(x)) in one fused kernel, forward and backward.
+
+Registered with the PyTorch dispatcher so that autograd, torch.compile (no graph break) and
+torch.library.opcheck all see real ops:
+  genkern::group_norm_silu / group_norm_silu_backward   C++ schemas (csrc/ops.cpp), CPU + CUDA kernels
+  genkern::group_norm_silu_triton / ..._triton_backward  Python custom ops running the Triton kernels
+Both forward ops return (y, mean, rstd) with float32 statistics of shape [N, num_groups]; backward
+recomputes the pre-activation from x and those statistics, so nothing else is saved.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import _backend, _extension
+from .. import reference as _reference
+
+_ACTIVATIONS = ("silu", "gelu", "none")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _activation_name(activation) -> str:
+    name = "none" if activation is None else activation
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"group_norm_silu: activation must be 'silu', 'gelu' or None, got {activation!r}")
+    return name
+
+
+def _check_args(x, num_groups, weight, bias, eps) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"group_norm_silu: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"group_norm_silu: x must have shape (N, C, *), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"group_norm_silu: x must be a floating-point tensor, got {x.dtype}")
+    C = x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
+        raise ValueError(f"group_norm_silu: num_groups must be a positive int dividing the {C} channels "
+                         f"of x, got {num_groups!r}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            raise TypeError(f"group_norm_silu: {name} must be a floating-point tensor or None")
+        if tuple(p.shape) != (C,):
+            raise ValueError(f"group_norm_silu: {name} must have shape ({C},) to match x's channels, "
+                             f"got {tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"group_norm_silu: {name} is on {p.device} but x is on {x.device}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"group_norm_silu: eps must be a finite number >= 0, got {eps!r}")
+
+
+def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                    bias: Optional[torch.Tensor] = None, eps: float = 1e-5,
+                    activation: Optional[str] = "silu") -> torch.Tensor:
+    """Fused ``act(group_norm(x, num_groups, weight, bias, eps))``.
+
+    GroupNorm: Wu & He, "Group Normalization", ECCV 2018. SiLU: Elfwing et al. 2018; the
+    GroupNorm(32)+SiLU pair is the normalisation of every ResBlock in DDPM (Ho et al. 2020) U-Nets
+    and Stable-Diffusion-style VAEs. ``activation`` is "silu", "gelu" (exact erf form) or None.
+
+    x is (N, C, *) in float32, float16 or bfloat16 (float32 statistics and arithmetic), NCHW or
+    channels_last; y keeps x's dtype and memory format. float64 runs on the reference backend.
+    Under torch.autocast the op follows nn.GroupNorm's policy: it computes and returns float32.
+    An empty x gives an empty y.
+    """
+    act = _activation_name(activation)
+    _check_args(x, num_groups, weight, bias, eps)
+    if torch.is_autocast_enabled(x.device.type):
+        # nn.GroupNorm is on autocast's float32 list; so is this op.
+        x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
+    backend = _backend.select(x.device.type)
+    if backend == "reference" or x.dtype not in _KERNEL_DTYPES:
+        if weight is not None and weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return _reference.group_norm_silu(x, num_groups, weight, bias, eps, act)
+    op = torch.ops.genkern.group_norm_silu_triton if backend == "triton" else torch.ops.genkern.group_norm_silu
+    return op(x, weight, bias, num_groups, float(eps), act)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatcher registration: fake (meta) kernels and autograd, shared by the C++ and the Triton op.
+
+def _fake_forward(x, weight, bias, num_groups, eps, activation):
+    mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x), mean, torch.empty_like(mean)
+
+
+def _fake_backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation):
+    C = x.shape[1]
+    return (torch.empty_like(x),
+            x.new_empty((C,), dtype=x.dtype if weight is None else weight.dtype),
+            x.new_empty((C,), dtype=x.dtype if bias is None else bias.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, eps, activation = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.activation = num_groups, activation
+
+
+def _autograd_backward(backward_op):
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = backward_op(grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
+        return (dx if ctx.needs_input_grad[0] else None,
+                dw if weight is not None and ctx.needs_input_grad[1] else None,
+                db if bias is not None and ctx.needs_input_grad[2] else None, None, None, None)
+    return backward
+
+
+def _register(forward_name: str, backward_name: str) -> None:
+    torch.library.register_fake(forward_name)(_fake_forward)
+    torch.library.register_fake(backward_name)(_fake_backward)
+    backward_op = getattr(torch.ops.genkern, backward_name.split("::")[1])
+    torch.library.register_autograd(forward_name, _autograd_backward(backward_op), setup_context=_setup_context)
+
+
+# The Triton ops are defined here (not in C++) so that they exist whether or not genkern._C is built;
+# the Triton module itself is imported on first use, so `import genkern` never touches Triton.
+@torch.library.custom_op("genkern::group_norm_silu_triton", mutates_args=())
+def _group_norm_silu_triton(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                            num_groups: int, eps: float, activation: str
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import group_norm_silu as kernels
+    return kernels.forward(x, weight, bias, num_groups, eps, activation)
+
+
+@torch.library.custom_op("genkern::group_norm_silu_triton_backward", mutates_args=())
+def _group_norm_silu_triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                                     bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                                     num_groups: int, activation: str
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import group_norm_silu as kernels
+    return kernels.backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation)
+
+
+_register("genkern::group_norm_silu_triton", "genkern::group_norm_silu_triton_backward")
+if _extension.LOADED:
+    _register("genkern::group_norm_silu", "genkern::group_norm_silu_backward")
