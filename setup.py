@@ -109,7 +109,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 avx2 = _cpu_avx2()
 cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
-define_macros = [("Py_LIMITED_API", "0x03090000")]
+define_macros = []
 if avx2:
     # at::vec picks its AVX2 specialisations from CPU_CAPABILITY_AVX2 (its inline namespace keeps
     # them apart from torch's own copies).

@@ -75,21 +75,21 @@ inline void shifted_sums_lanes(const T* x, int64_t C, const float* pivot, float*
   }
 }
 
-// y = act(x * a + b)
+// y = act((x - mu) * a + b). Centring first keeps u exact when rstd is huge (near-constant groups).
 template <typename T, Activation A, typename P>
-inline void affine_act(const T* x, T* y, int64_t n, P a, P b) {
+inline void affine_act(const T* x, T* y, int64_t n, P mu, P a, P b) {
   int64_t i = 0;
   for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
     Vec va, vb;
     VecIO<T>::load(x + i, va, vb);
-    va = ActVec<A>::f(at::vec::fmadd(va, a.vec(i), b.vec(i)));
-    vb = ActVec<A>::f(at::vec::fmadd(vb, a.vec(i + kVec), b.vec(i + kVec)));
+    va = ActVec<A>::f(at::vec::fmadd(va - mu.vec(i), a.vec(i), b.vec(i)));
+    vb = ActVec<A>::f(at::vec::fmadd(vb - mu.vec(i + kVec), a.vec(i + kVec), b.vec(i + kVec)));
     VecIO<T>::store(y + i, va, vb);
   }
-  for (; i < n; ++i) y[i] = static_cast<T>(Act<A>::f(static_cast<float>(x[i]) * a.at(i) + b.at(i)));
+  for (; i < n; ++i) y[i] = static_cast<T>(Act<A>::f((static_cast<float>(x[i]) - mu.at(i)) * a.at(i) + b.at(i)));
 }
 
-// Backward, pass 1: du = dy * act'(x * a + b); accumulates du * (x - mu) and du.
+// Backward, pass 1: du = dy * act'((x - mu) * a + b); accumulates du * (x - mu) and du.
 
 template <typename T, Activation A, typename P>
 inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float* dsc, float* db,
@@ -101,9 +101,11 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float*
     Vec xa, xb, ga, gb;
     VecIO<T>::load(x + i, xa, xb);
     VecIO<T>::load(dy + i, ga, gb);
+    xa = xa - mu.vec(i);
+    xb = xb - mu.vec(i + kVec);
     const Vec dua = ga * ActVec<A>::df(at::vec::fmadd(xa, a.vec(i), b.vec(i)));
     const Vec dub = gb * ActVec<A>::df(at::vec::fmadd(xb, a.vec(i + kVec), b.vec(i + kVec)));
-    const Vec ca = (xa - mu.vec(i)) * dua, cb = (xb - mu.vec(i + kVec)) * dub;
+    const Vec ca = xa * dua, cb = xb * dub;
     if (per_lane_out) {
       (Vec::loadu(dsc + i) + ca).store(dsc + i);
       (Vec::loadu(dsc + i + kVec) + cb).store(dsc + i + kVec);
@@ -116,13 +118,13 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float*
   }
   float t1 = 0.f, t2 = 0.f;
   for (; i < n; ++i) {
-    const float xv = static_cast<float>(x[i]);
-    const float du = static_cast<float>(dy[i]) * Act<A>::df(xv * a.at(i) + b.at(i));
+    const float xc = static_cast<float>(x[i]) - mu.at(i);
+    const float du = static_cast<float>(dy[i]) * Act<A>::df(xc * a.at(i) + b.at(i));
     if (per_lane_out) {
-      dsc[i] += du * (xv - mu.at(i));
+      dsc[i] += du * xc;
       db[i] += du;
     } else {
-      t1 += du * (xv - mu.at(i));
+      t1 += du * xc;
       t2 += du;
     }
   }
@@ -142,15 +144,16 @@ inline void grad_apply(const T* x, const T* dy, T* dx, int64_t n, P a, P b, P mu
     VecIO<T>::load(dy + i, g2[0], g2[1]);
     for (int h = 0; h < 2; ++h) {
       const int64_t j = i + h * kVec;
-      const Vec du = g2[h] * ActVec<A>::df(at::vec::fmadd(x2[h], a.vec(j), b.vec(j)));
-      x2[h] = at::vec::fmadd(k1.vec(j), du, at::vec::fmadd(k2.vec(j), x2[h] - mu.vec(j), k3.vec(j)));
+      const Vec xc = x2[h] - mu.vec(j);
+      const Vec du = g2[h] * ActVec<A>::df(at::vec::fmadd(xc, a.vec(j), b.vec(j)));
+      x2[h] = at::vec::fmadd(k1.vec(j), du, at::vec::fmadd(k2.vec(j), xc, k3.vec(j)));
     }
     VecIO<T>::store(dx + i, x2[0], x2[1]);
   }
   for (; i < n; ++i) {
-    const float xv = static_cast<float>(x[i]);
-    const float du = static_cast<float>(dy[i]) * Act<A>::df(xv * a.at(i) + b.at(i));
-    dx[i] = static_cast<T>(k1.at(i) * du + k2.at(i) * (xv - mu.at(i)) + k3.at(i));
+    const float xc = static_cast<float>(x[i]) - mu.at(i);
+    const float du = static_cast<float>(dy[i]) * Act<A>::df(xc * a.at(i) + b.at(i));
+    dx[i] = static_cast<T>(k1.at(i) * du + k2.at(i) * xc + k3.at(i));
   }
 }
 
@@ -228,7 +231,7 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean,
         const int64_t c = g * s.D + d;
         const float a = r * w[c];
         const int64_t off = d * s.HW + lo;
-        affine_act<T, A>(xg + off, yg + off, hi - lo, Broadcast{a}, Broadcast{b[c] - mu * a});
+        affine_act<T, A>(xg + off, yg + off, hi - lo, Broadcast{mu}, Broadcast{a}, Broadcast{b[c]});
       }
     });
   });
@@ -251,7 +254,7 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean,
   for_each_unit(s.N, [&](int64_t n, bool split) {
     const T* xn = x + n * HW * C;
     T* yn = y + n * HW * C;
-    std::vector<float> pivot(C), a(C), bb(C);
+    std::vector<float> pivot(C), muc(C), a(C);
     for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<float>(xn[(c / s.D) * s.D]);
     const PixelBlocks pb(split, HW, C);
     std::vector<double> part(2 * pb.count * C, 0.0);
@@ -277,11 +280,11 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean,
       mean_rstd(s1, s2, static_cast<double>(s.D * HW), pivot[g * s.D], eps, mu, r);
       mean[n * s.G + g] = mu;
       rstd[n * s.G + g] = r;
-      for (int64_t c = g * s.D; c < (g + 1) * s.D; ++c) a[c] = r * w[c], bb[c] = b[c] - mu * a[c];
+      for (int64_t c = g * s.D; c < (g + 1) * s.D; ++c) muc[c] = mu, a[c] = r * w[c];
     }
     maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
       for (int64_t p = b0 * pb.size; p < std::min(HW, b1 * pb.size); ++p)
-        affine_act<T, A>(xn + p * C, yn + p * C, C, PerLane{a.data()}, PerLane{bb.data()});
+        affine_act<T, A>(xn + p * C, yn + p * C, C, PerLane{muc.data()}, PerLane{a.data()}, PerLane{b});
     });
   });
 }
@@ -318,7 +321,7 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
         if (lo >= hi) continue;
         const float a = r * w[c0 + d];
         const int64_t off = off0 + d * s.HW + lo;
-        grad_sums<T, A>(x + off, dy + off, hi - lo, Broadcast{a}, Broadcast{b[c0 + d] - mu * a},
+        grad_sums<T, A>(x + off, dy + off, hi - lo, Broadcast{a}, Broadcast{b[c0 + d]},
                         Broadcast{mu}, &part[2 * t], &part[2 * t + 1], false);
       }
     });
@@ -335,7 +338,7 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
         if (lo >= hi) continue;
         const float a = r * w[c];
         const int64_t off = off0 + d * s.HW + lo;
-        grad_apply<T, A>(x + off, dy + off, dx + off, hi - lo, Broadcast{a}, Broadcast{b[c] - mu * a},
+        grad_apply<T, A>(x + off, dy + off, dx + off, hi - lo, Broadcast{a}, Broadcast{b[c]},
                          Broadcast{mu}, Broadcast{k[c]}, Broadcast{k[s.C + c]}, Broadcast{k[2 * s.C + c]});
       }
     });
@@ -348,14 +351,13 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
   const int64_t C = s.C, HW = s.HW;
   for_each_unit(s.N, [&](int64_t n, bool split) {
     const int64_t base = n * HW * C;
-    // per channel: a, b (to recompute u), mu, and the dx coefficients k1..k3
-    std::vector<float> prm(6 * C);
-    float *a = prm.data(), *bb = a + C, *mu = bb + C, *k1 = mu + C, *k2 = k1 + C, *k3 = k2 + C;
+    // per channel: a (to recompute u with b), mu, and the dx coefficients k1..k3
+    std::vector<float> prm(5 * C);
+    float *a = prm.data(), *mu = a + C, *k1 = mu + C, *k2 = k1 + C, *k3 = k2 + C;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t ng = n * s.G + c / s.D;
       mu[c] = mean[ng];
       a[c] = rstd[ng] * w[c];
-      bb[c] = b[c] - mu[c] * a[c];
     }
     const PixelBlocks pb(split, HW, C);
     std::vector<double> part(2 * pb.count * C, 0.0);
@@ -368,7 +370,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
           const int64_t q = std::min(p_end, p + kFlushRows);
           std::fill(acc.begin(), acc.end(), 0.f);
           for (; p < q; ++p)
-            grad_sums<T, A>(x + base + p * C, dy + base + p * C, C, PerLane{a}, PerLane{bb},
+            grad_sums<T, A>(x + base + p * C, dy + base + p * C, C, PerLane{a}, PerLane{b},
                             PerLane{mu}, acc.data(), acc.data() + C, true);
           for (int64_t c = 0; c < C; ++c) out[c] += acc[c], out[C + c] += acc[C + c];
         }
@@ -383,7 +385,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
     maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
       for (int64_t p = b0 * pb.size; p < std::min(HW, b1 * pb.size); ++p) {
         const int64_t off = base + p * C;
-        grad_apply<T, A>(x + off, dy + off, dx + off, C, PerLane{a}, PerLane{bb}, PerLane{mu},
+        grad_apply<T, A>(x + off, dy + off, dx + off, C, PerLane{a}, PerLane{b}, PerLane{mu},
                          PerLane{k1}, PerLane{k2}, PerLane{k3});
       }
     });

@@ -19,6 +19,7 @@ from .. import reference as _reference
 
 _ACTIVATIONS = ("silu", "gelu", "none")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_AUTOCAST_FP32_DEVICES = ("cuda",)
 
 
 def _activation_name(activation) -> str:
@@ -64,20 +65,16 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
 
     x is (N, C, *) in float32, float16 or bfloat16 (float32 statistics and arithmetic), NCHW or
     channels_last; y keeps x's dtype and memory format. float64 runs on the reference backend.
-    Under torch.autocast the op follows nn.GroupNorm's policy: it computes and returns float32.
+    Under torch.autocast the op follows nn.GroupNorm's policy: float32 on CUDA, input dtype on CPU.
     An empty x gives an empty y.
     """
     act = _activation_name(activation)
     _check_args(x, num_groups, weight, bias, eps)
-    if torch.is_autocast_enabled(x.device.type):
-        # nn.GroupNorm is on autocast's float32 list; so is this op.
+    if x.device.type in _AUTOCAST_FP32_DEVICES and torch.is_autocast_enabled(x.device.type):
+        # group_norm is on CUDA autocast's float32 list (on CPU autocast leaves it alone); so is this op.
         x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
     backend = _backend.select(x.device.type)
     if backend == "reference" or x.dtype not in _KERNEL_DTYPES:
-        if weight is not None and weight.dtype != x.dtype:
-            weight = weight.to(x.dtype)
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
         return _reference.group_norm_silu(x, num_groups, weight, bias, eps, act)
     op = torch.ops.genkern.group_norm_silu_triton if backend == "triton" else torch.ops.genkern.group_norm_silu
     return op(x, weight, bias, num_groups, float(eps), act)[0]
@@ -86,14 +83,23 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
 # --------------------------------------------------------------------------------------------------
 # Dispatcher registration: fake (meta) kernels and autograd, shared by the C++ and the Triton op.
 
+def _kernel_layout_empty(x):
+    """An empty tensor laid out as the kernels write their outputs: like x when x is dense NCHW or
+    channels-last, else NCHW-contiguous (csrc/group_norm_silu.h: to_kernel_layout)."""
+    perm = [0] + list(range(2, x.dim())) + [1]
+    if x.is_contiguous() or (x.dim() > 2 and x.permute(perm).is_contiguous()):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _fake_forward(x, weight, bias, num_groups, eps, activation):
     mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
-    return torch.empty_like(x), mean, torch.empty_like(mean)
+    return _kernel_layout_empty(x), mean, torch.empty_like(mean)
 
 
 def _fake_backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation):
     C = x.shape[1]
-    return (torch.empty_like(x),
+    return (_kernel_layout_empty(x),
             x.new_empty((C,), dtype=x.dtype if weight is None else weight.dtype),
             x.new_empty((C,), dtype=x.dtype if bias is None else bias.dtype))
 

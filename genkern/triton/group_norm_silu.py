@@ -176,9 +176,7 @@ def _layout(x: torch.Tensor):
     perm = [0] + list(range(2, x.dim())) + [1]
     if not x.is_contiguous() and x.dim() > 2 and x.permute(perm).is_contiguous():
         return x, N, C, HW, HW * C, C, 1
-    x = x if x.is_contiguous() else x.contiguous(memory_format=x.suggest_memory_format())
-    if not x.is_contiguous():  # a non-dense channels-last view became dense channels-last
-        return x, N, C, HW, HW * C, C, 1
+    x = x.contiguous()  # dense already, or a strided view: copied to NCHW (as the C++ kernels do)
     return x, N, C, HW, C * HW, 1, HW
 
 

@@ -1,0 +1,276 @@
+// group_norm_silu on CUDA. Maths in csrc/group_norm_silu.h; the same decomposition as the Triton
+// kernels (genkern/triton/group_norm_silu.py): x is addressed as [N, HW, C] through strides so NCHW
+// and channels-last share the kernels, and each block owns one (sample, group) and a chunk of pixels,
+// so that small batches and num_groups = 1 still fill the GPU.
+//   forward:  stats (partial shifted sums per chunk) -> apply (combine, write y, mean, rstd)
+//   backward: grad_sums (per-channel partials) -> [N, C] reductions (ATen) -> grad_apply (dx)
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "activation.h"
+#include "cuda/block_reduce.cuh"
+#include "dispatch.h"
+#include "group_norm_silu.h"
+
+namespace genkern::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kChunkElems = 16384;  // elements per block (a chunk of pixels of one group)
+constexpr int64_t kMaxChunks = 65535;   // gridDim.y limit
+
+struct Geometry {
+  int64_t HW, C, D, G, sN, sP, sC, chunk_p;
+  int n_chunks;
+  bool channels_last;
+
+  __device__ __forceinline__ int64_t base(int64_t ng) const { return (ng / G) * sN + (ng % G) * D * sC; }
+  __device__ __forceinline__ int64_t p_lo() const { return blockIdx.y * chunk_p; }
+  __device__ __forceinline__ int64_t pixels() const { return min(HW, p_lo() + chunk_p) - p_lo(); }
+  // Offset of the i-th element of this block's chunk, and its channel within the group.
+  // NCHW walks pixels fastest, channels-last channels fastest: both coalesce.
+  __device__ __forceinline__ int64_t offset(int64_t i, int64_t L, int64_t& d) const {
+    int64_t p;
+    if (channels_last) {
+      p = i / D;
+      d = i - p * D;
+    } else {
+      d = i / L;
+      p = i - d * L;
+    }
+    return (p_lo() + p) * sP + d * sC;
+  }
+};
+
+Geometry make_geometry(const GroupNormShape& s) {
+  Geometry g;
+  g.HW = s.HW;
+  g.C = s.C;
+  g.D = s.D;
+  g.G = s.G;
+  g.channels_last = s.channels_last;
+  g.sN = s.HW * s.C;
+  g.sP = s.channels_last ? s.C : 1;
+  g.sC = s.channels_last ? 1 : s.HW;
+  g.chunk_p = std::max<int64_t>(std::max<int64_t>(1, kChunkElems / s.D), (s.HW + kMaxChunks - 1) / kMaxChunks);
+  g.n_chunks = static_cast<int>((s.HW + g.chunk_p - 1) / g.chunk_p);
+  return g;
+}
+
+template <typename T>
+__global__ void stats_kernel(const T* __restrict__ x, float* __restrict__ part, Geometry g) {
+  __shared__ float scratch[kThreads / kWarp];
+  const int64_t ng = blockIdx.x, base = g.base(ng), L = g.pixels();
+  const float pivot = static_cast<float>(x[base]);
+  float s1 = 0.f, s2 = 0.f;
+  for (int64_t i = threadIdx.x; i < L * g.D; i += blockDim.x) {
+    int64_t d;
+    const float v = static_cast<float>(x[base + g.offset(i, L, d)]) - pivot;
+    s1 += v;
+    s2 += v * v;
+  }
+  s1 = block_sum(s1, scratch);
+  s2 = block_sum(s2, scratch);
+  if (threadIdx.x == 0) {
+    part[(ng * g.n_chunks + blockIdx.y) * 2] = s1;
+    part[(ng * g.n_chunks + blockIdx.y) * 2 + 1] = s2;
+  }
+}
+
+template <typename T, Activation A>
+__global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                             const float* __restrict__ b, const float* __restrict__ part,
+                             float* __restrict__ mean_out, float* __restrict__ rstd_out, Geometry g, float eps) {
+  __shared__ float scratch[kThreads / kWarp];
+  const int64_t ng = blockIdx.x, base = g.base(ng), L = g.pixels(), c0 = (ng % g.G) * g.D;
+  float t1 = 0.f, t2 = 0.f;
+  for (int j = threadIdx.x; j < g.n_chunks; j += blockDim.x) {
+    t1 += part[(ng * g.n_chunks + j) * 2];
+    t2 += part[(ng * g.n_chunks + j) * 2 + 1];
+  }
+  t1 = block_sum(t1, scratch);
+  t2 = block_sum(t2, scratch);
+  const float count = static_cast<float>(g.HW * g.D), m = t1 / count;
+  const float mean = static_cast<float>(x[base]) + m;
+  const float rstd = rsqrtf(fmaxf(t2 / count - m * m, 0.f) + eps);
+  if (blockIdx.y == 0 && threadIdx.x == 0) {
+    mean_out[ng] = mean;
+    rstd_out[ng] = rstd;
+  }
+  for (int64_t i = threadIdx.x; i < L * g.D; i += blockDim.x) {
+    int64_t d;
+    const int64_t off = base + g.offset(i, L, d);
+    const float u = (static_cast<float>(x[off]) - mean) * rstd * w[c0 + d] + b[c0 + d];
+    y[off] = static_cast<T>(Act<A>::f(u));
+  }
+}
+
+// part[n, k, c] = (sum du * (x - mean), sum du) over chunk k, du = dy * act'(u).
+template <typename T, Activation A>
+__global__ void grad_sums_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ w,
+                                 const float* __restrict__ b, const float* __restrict__ mean_in,
+                                 const float* __restrict__ rstd_in, float* __restrict__ part, Geometry g) {
+  extern __shared__ float acc[];  // channels-last: 2 * D per-channel accumulators
+  __shared__ float scratch[kThreads / kWarp];
+  const int64_t ng = blockIdx.x, n = ng / g.G, base = g.base(ng), L = g.pixels(), c0 = (ng % g.G) * g.D;
+  const float mean = mean_in[ng], rstd = rstd_in[ng];
+  float* out = part + ((n * g.n_chunks + blockIdx.y) * g.C + c0) * 2;
+  if (!g.channels_last) {
+    // one channel at a time: its pixels are contiguous
+    for (int64_t d = 0; d < g.D; ++d) {
+      const float a = rstd * w[c0 + d], bb = b[c0 + d];
+      float s1 = 0.f, s2 = 0.f;
+      for (int64_t p = threadIdx.x; p < L; p += blockDim.x) {
+        const int64_t off = base + (g.p_lo() + p) * g.sP + d * g.sC;
+        const float xc = static_cast<float>(x[off]) - mean;
+        const float du = static_cast<float>(dy[off]) * Act<A>::df(xc * a + bb);
+        s1 += du * xc;
+        s2 += du;
+      }
+      s1 = block_sum(s1, scratch);
+      s2 = block_sum(s2, scratch);
+      if (threadIdx.x == 0) out[2 * d] = s1, out[2 * d + 1] = s2;
+    }
+    return;
+  }
+  for (int64_t j = threadIdx.x; j < 2 * g.D; j += blockDim.x) acc[j] = 0.f;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < L * g.D; i += blockDim.x) {
+    int64_t d;
+    const int64_t off = base + g.offset(i, L, d);
+    const float xc = static_cast<float>(x[off]) - mean;
+    const float du = static_cast<float>(dy[off]) * Act<A>::df(xc * rstd * w[c0 + d] + b[c0 + d]);
+    atomicAdd(&acc[d], du * xc);
+    atomicAdd(&acc[g.D + d], du);
+  }
+  __syncthreads();
+  for (int64_t d = threadIdx.x; d < g.D; d += blockDim.x) out[2 * d] = acc[d], out[2 * d + 1] = acc[g.D + d];
+}
+
+// dx = k1 * du + k2 * (x - mean) + k3, coef[n, c] = (k1, k2, k3).
+template <typename T, Activation A>
+__global__ void grad_apply_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                                  const float* __restrict__ w, const float* __restrict__ b,
+                                  const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
+                                  const float* __restrict__ coef, Geometry g) {
+  const int64_t ng = blockIdx.x, n = ng / g.G, base = g.base(ng), L = g.pixels(), c0 = (ng % g.G) * g.D;
+  const float mean = mean_in[ng], rstd = rstd_in[ng];
+  for (int64_t i = threadIdx.x; i < L * g.D; i += blockDim.x) {
+    int64_t d;
+    const int64_t off = base + g.offset(i, L, d);
+    const float* k = coef + (n * g.C + c0 + d) * 3;
+    const float xc = static_cast<float>(x[off]) - mean;
+    const float du = static_cast<float>(dy[off]) * Act<A>::df(xc * rstd * w[c0 + d] + b[c0 + d]);
+    dx[off] = static_cast<T>(k[0] * du + k[1] * xc + k[2]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    int64_t num_groups, double eps, c10::string_view activation) {
+  const Activation act = parse_activation(std::string(activation));
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "group_norm_silu: eps must be finite and >= 0, got ", eps);
+  const at::Tensor x = to_kernel_layout(x_in);
+  const GroupNormShape s = group_norm_shape(x, weight, bias, num_groups);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({s.N, s.G}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({s.N, s.G}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) {
+    mean.fill_(NAN), rstd.fill_(NAN);
+    return {y, mean, rstd};
+  }
+  const at::Tensor w = param_or(weight, x, 1.f), b = param_or(bias, x, 0.f);
+  const Geometry geo = make_geometry(s);
+  at::Tensor part = at::empty({s.N * s.G, geo.n_chunks, 2}, x.options().dtype(at::kFloat));
+  const dim3 grid(static_cast<unsigned>(s.N * s.G), geo.n_chunks);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_cuda", [&] {
+    stats_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(),
+                                                          part.mutable_data_ptr<float>(), geo);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_activation(act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      apply_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
+          b.const_data_ptr<float>(), part.const_data_ptr<float>(), mean.mutable_data_ptr<float>(),
+          rstd.mutable_data_ptr<float>(), geo, static_cast<float>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+    int64_t num_groups, c10::string_view activation) {
+  const Activation act = parse_activation(std::string(activation));
+  const at::Tensor x = to_kernel_layout(x_in);
+  const GroupNormShape s = group_norm_shape(x, weight, bias, num_groups);
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
+                    "group_norm_silu_backward: grad_y must match x in shape and dtype, got ",
+                    grad_y.sizes(), " ", grad_y.scalar_type(), " vs ", x.sizes(), " ", x.scalar_type());
+  check_saved_stats(mean_in, rstd_in, s);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor dy = grad_y.strides() == x.strides() ? grad_y : at::empty_like(x).copy_(grad_y);
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor dx = at::empty_like(x);
+  const auto wdt = param_grad_dtype(weight, x), bdt = param_grad_dtype(bias, x);
+  if (x.numel() == 0) {
+    return {dx, at::zeros({s.C}, x.options().dtype(wdt)), at::zeros({s.C}, x.options().dtype(bdt))};
+  }
+  const at::Tensor w = param_or(weight, x, 1.f), b = param_or(bias, x, 0.f);
+  const Geometry geo = make_geometry(s);
+  at::Tensor part = at::empty({s.N, geo.n_chunks, s.C, 2}, x.options().dtype(at::kFloat));
+  const dim3 grid(static_cast<unsigned>(s.N * s.G), geo.n_chunks);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const size_t shmem = s.channels_last ? 2 * s.D * sizeof(float) : 0;
+  TORCH_CHECK(shmem <= 48 * 1024, "group_norm_silu_backward: too many channels per group (", s.D,
+              ") for the channels-last CUDA kernel; use the triton backend");
+  GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
+    dispatch_activation(act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      grad_sums_kernel<scalar_t, A><<<grid, kThreads, shmem, stream>>>(
+          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
+          b.const_data_ptr<float>(), mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
+          part.mutable_data_ptr<float>(), geo);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  // The [N, C]-sized algebra between the two passes (see csrc/group_norm_silu.h).
+  const at::Tensor sums = part.sum(1);
+  const at::Tensor dsc = sums.select(-1, 0), dbs = sums.select(-1, 1);
+  const at::Tensor r = rstd.repeat_interleave(s.D, 1);
+  const double M = static_cast<double>(s.D * s.HW);
+  const at::Tensor mean_wdu = (w * dbs).view({s.N, s.G, s.D}).sum(-1, true) / M;
+  const at::Tensor mean_wdu_xhat = (w * r * dsc).view({s.N, s.G, s.D}).sum(-1, true) / M;
+  const at::Tensor rg = rstd.unsqueeze(-1);
+  const at::Tensor coef = at::stack({(r * w).view({s.N, s.G, s.D}), (-rg * rg * mean_wdu_xhat).expand({s.N, s.G, s.D}),
+                                     (-rg * mean_wdu).expand({s.N, s.G, s.D})}, -1)
+                              .reshape({s.N, s.C, 3})
+                              .contiguous();
+  GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
+    dispatch_activation(act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      grad_apply_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
+          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+          w.const_data_ptr<float>(), b.const_data_ptr<float>(), mean.const_data_ptr<float>(),
+          rstd.const_data_ptr<float>(), coef.const_data_ptr<float>(), geo);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {dx, (r * dsc).sum(0).to(wdt), dbs.sum(0).to(bdt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genkern, CUDA, m) {
+  m.impl("group_norm_silu", &group_norm_silu);
+  m.impl("group_norm_silu_backward", &group_norm_silu_backward);
+}
+
+}  // namespace genkern::cuda

@@ -1,0 +1,191 @@
+"""group_norm_silu: every kernel backend against the float64 reference, forward and backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import genkern
+from _util import DTYPES, KERNEL_BACKENDS, assert_close, make_input, require_backend
+
+ACTS = {"silu": F.silu, "gelu": F.gelu, "none": lambda u: u}
+
+# (shape, num_groups): U-Net-like, C not a multiple of the vector width, H*W = 1 with groups = C and
+# batch 1, one group over everything (3-D input), a 5-D input.
+SHAPES = [
+    ((2, 64, 8, 8), 32),
+    ((2, 6, 5, 7), 3),
+    ((1, 10, 1, 1), 10),
+    ((3, 12, 9), 1),
+    ((2, 8, 3, 4, 5), 4),
+]
+
+
+def group_norm_f64(x, G, w, b, eps):
+    """GroupNorm in float64 from its definition (F.group_norm refuses N * H * W == 1)."""
+    N, C = x.shape[:2]
+    xg = x.reshape(N, G, -1)
+    mu = xg.mean(-1, keepdim=True)
+    var = ((xg - mu) ** 2).mean(-1, keepdim=True)
+    u = ((xg - mu) / torch.sqrt(var + eps)).reshape(x.shape)
+    shape = (1, C) + (1,) * (x.dim() - 2)
+    return u * (1 if w is None else w.reshape(shape)) + (0 if b is None else b.reshape(shape))
+
+
+def reference(x, G, w, b, eps, act):
+    """float64 eager PyTorch."""
+    d = lambda t: None if t is None else t.detach().double().cpu().requires_grad_()  # noqa: E731
+    xr, wr, br = d(x), d(w), d(b)
+    return ACTS[act](group_norm_f64(xr, G, wr, br, eps)), (xr, wr, br)
+
+
+@pytest.mark.parametrize("shape,G", SHAPES[:2] + SHAPES[3:])
+def test_float64_formula_agrees_with_torch_group_norm(shape, G):
+    x = make_input(shape, torch.float64, "cpu")
+    w, b = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
+    torch.testing.assert_close(group_norm_f64(x, G, w, b, 1e-5), F.group_norm(x, G, w, b, 1e-5))
+    torch.testing.assert_close(genkern.reference.group_norm_silu(x, G, w, b, 1e-5, "silu"),
+                               F.silu(F.group_norm(x, G, w, b, 1e-5)))
+
+
+def run(backend, x, G, w, b, eps, act, dy):
+    with genkern.use_backend(backend):
+        y = genkern.group_norm_silu(x, G, w, b, eps, act)
+        inputs = [t for t in (x, w, b) if t is not None]
+        grads = torch.autograd.grad(y, inputs, dy)
+    return y, grads
+
+
+def check(backend, device, shape, G, dtype, channels_last, act, affine=True, eps=1e-5):
+    require_backend(backend, device)
+    C = shape[1]
+    x = make_input(shape, dtype, device, channels_last).requires_grad_()
+    w = (1 + 0.5 * torch.randn(C, device=device)).requires_grad_() if affine else None
+    b = (0.5 * torch.randn(C, device=device)).requires_grad_() if affine else None
+    dy = torch.randn(shape, device=device).to(dtype)
+    y, grads = run(backend, x, G, w, b, eps, act, dy)
+    yr, inputs = reference(x, G, w, b, eps, act)
+    ref_grads = torch.autograd.grad(yr, [t for t in inputs if t is not None], dy.double().cpu())
+    assert y.dtype == dtype and y.shape == x.shape
+    if channels_last and x.dim() >= 4:
+        assert y.stride() == x.stride(), "output must keep the input's memory format"
+    assert_close(y, yr, dtype, "y")
+    # dx = rstd * w * du - (group means): its rounding is relative to rstd * |w| * |dy|, which is
+    # far larger than dx itself when a group is (nearly) constant, e.g. one value per group.
+    xg = x.detach().double().cpu().reshape(shape[0], G, -1)
+    rstd_max = (xg.var(-1, unbiased=False) + eps).rsqrt().max().item()
+    w_max = 1.0 if w is None else w.abs().max().item()
+    dx_terms = rstd_max * w_max * dy.abs().max().item() / 10
+    for name, g, gr in zip(["dx", "dweight", "dbias"], grads, ref_grads):
+        assert g.dtype == (dtype if name == "dx" else torch.float32)
+        assert_close(g, gr, dtype, name, scale=dx_terms if name == "dx" else 0.0)
+
+
+ALL_BACKENDS = KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")]
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("shape,G", SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_matches_float64_reference(backend, device, shape, G, dtype, channels_last):
+    check(backend, device, shape, G, dtype, channels_last, "silu")
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("act", ["gelu", "none"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_other_activations(backend, device, act, channels_last):
+    check(backend, device, (2, 12, 5, 6), 4, torch.float32, channels_last, act)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_without_affine(backend, device, channels_last):
+    check(backend, device, (2, 8, 4, 4), 2, torch.float32, channels_last, "silu", affine=False)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_large_mean_small_variance(backend, device):
+    # mean 1000, std 1e-2: E[x^2] - E[x]^2 would cancel completely in float32
+    require_backend(backend, device)
+    x = (1000 + 1e-2 * torch.randn(2, 8, 16, 16, dtype=torch.float64)).float().to(device)
+    with genkern.use_backend(backend):
+        y = genkern.group_norm_silu(x, 4, eps=1e-6)
+    yr = F.silu(F.group_norm(x.double().cpu(), 4, eps=1e-6))
+    # float32 storage of x already perturbs x - mean by ~6e-5 / 1e-2 relative: allow for that
+    assert (y.double().cpu() - yr).abs().max().item() < 2e-2
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_non_dense_input(backend, device):
+    require_backend(backend, device)
+    base = make_input((2, 16, 10, 12), torch.float32, device)
+    x = base[:, ::2, 1:9, ::3]  # strided view, neither NCHW- nor channels-last-dense
+    with genkern.use_backend(backend):
+        y = genkern.group_norm_silu(x, 4)
+    assert_close(y, F.silu(F.group_norm(x.double().cpu(), 4)), torch.float32, "y")
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_mixed_precision_parameters(backend, device):
+    # bf16 activations with float32 weight/bias (as in autocast-free mixed-precision models)
+    check(backend, device, (2, 8, 6, 6), 4, torch.bfloat16, False, "silu")
+
+
+def test_reference_gradcheck_float64():
+    x = make_input((2, 6, 3, 3), torch.float64, "cpu").requires_grad_()
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w, b: genkern.reference.group_norm_silu(x, 3, w, b)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_gradcheck_kernels_float32(backend, device, channels_last):
+    """Finite differences of the kernel's own forward against its analytic backward (float32, so
+    with float32-sized tolerances; the float64 comparison above is the tight check)."""
+    require_backend(backend, device)
+    x = make_input((2, 4, 3, 3), torch.float32, device, channels_last).requires_grad_()
+    w = (1 + 0.5 * torch.randn(4, device=device)).requires_grad_()
+    b = torch.randn(4, device=device).requires_grad_()
+
+    def fn(x, w, b):
+        with genkern.use_backend(backend):
+            return genkern.group_norm_silu(x, 2, w, b)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-2, atol=2e-2, rtol=2e-2, fast_mode=False)
+
+
+def test_float64_runs_on_reference():
+    x = make_input((2, 4, 3, 3), torch.float64, "cpu")
+    y = genkern.group_norm_silu(x, 2)
+    assert y.dtype == torch.float64
+    assert torch.allclose(y, F.silu(F.group_norm(x, 2)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_empty_input(backend, device):
+    require_backend(backend, device)
+    x = torch.empty(0, 8, 4, 4, device=device, requires_grad=True)
+    w = torch.ones(8, device=device, requires_grad=True)
+    with genkern.use_backend(backend):
+        y = genkern.group_norm_silu(x, 4, w, None)
+        y.sum().backward()
+    assert y.shape == x.shape
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16), ("cpu", torch.float32),
+                                          pytest.param("cuda", torch.float16, marks=pytest.mark.cuda),
+                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda)])
+def test_autocast_follows_group_norm_policy(device, dtype):
+    x = make_input((2, 8, 4, 4), dtype, device)
+    gn = torch.nn.GroupNorm(4, 8).to(device)
+    fused = genkern.nn.GroupNormSiLU(4, 8).to(device)
+    fused.load_state_dict(gn.state_dict())
+    with torch.autocast(device, dtype=torch.bfloat16 if device == "cpu" else dtype):
+        expected = F.silu(gn(x))
+        got = fused(x)
+    assert got.dtype == expected.dtype
+    assert_close(got, expected.double(), expected.dtype, "autocast")
