@@ -151,3 +151,16 @@ def _group_norm_silu_triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weig
 _register("genkern::group_norm_silu_triton", "genkern::group_norm_silu_triton_backward")
 if _extension.LOADED:
     _register("genkern::group_norm_silu", "genkern::group_norm_silu_backward")
+
+
+def bytes_moved(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None, backward: bool = False) -> int:
+    """The least memory traffic the op can have, the roofline its kernels are measured against:
+    forward reads x and writes y; backward reads x and dy and writes dx and the parameter gradients.
+    (Parameters and the [N, G] float32 statistics are counted; caches are not.)"""
+    tensor = x.numel() * x.element_size()
+    params = sum(p.numel() * p.element_size() for p in (weight, bias) if p is not None)
+    stats = 2 * x.shape[0] * num_groups * 4
+    if backward:
+        return 3 * tensor + 2 * params + stats
+    return 2 * tensor + params + stats

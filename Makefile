@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine:  `make test`  and  `make bench`.
+# Both create .venv when missing, install the pinned torch, build genkern._C, then run.
+PYTHON_BOOT ?= python3.11
+VENV        := .venv
+PY          := $(VENV)/bin/python
+PIP         := $(VENV)/bin/pip
+TORCH_PIN   := torch==2.14.1 torchvision==0.29.1
+DEV_DEPS    := ninja numpy pytest pytest-benchmark expecttest tqdm matplotlib
+SOURCES     := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+export MAX_JOBS ?= 2
+
+.PHONY: test bench build venv clean
+
+test: build
+	$(PY) -m pytest tests -q -ra
+
+bench: build
+	$(PY) -m bench $(BENCH_ARGS)
+
+build: genkern/_C.so
+
+venv: $(VENV)/.deps
+
+$(VENV)/.deps: Makefile pyproject.toml
+	@command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) (set PYTHON_BOOT=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q $(DEV_DEPS)
+	touch $@
+
+# torch is already in the venv, so build against it (no isolated build env).
+genkern/_C.so: $(VENV)/.deps $(SOURCES)
+	$(PIP) install -q -e . --no-build-isolation --no-deps
+	@test -f $@ && touch $@
+
+clean:
+	rm -rf build *.egg-info genkern/_C*.so genkern/_build_info.json

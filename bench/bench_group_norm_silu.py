@@ -1,0 +1,112 @@
+"""group_norm_silu benchmarks: eager F.silu(F.group_norm(...)), torch.compile of that, genkern backends.
+
+Used by `python -m bench` (via CASES) and by pytest-benchmark (`pytest bench --benchmark-only`)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import genkern
+from genkern.ops.group_norm_silu import bytes_moved
+
+OP = "group_norm_silu"
+
+# (shape, num_groups): DDPM CIFAR-10 U-Net ResBlock shapes (ch 128, mults 1,2,2,2) and a 64x64
+# Double-Conv U-Net block with one group over C x H x W.
+QUICK = [((16, 128, 32, 32), 32), ((16, 256, 16, 16), 32), ((8, 512, 32, 32), 32)]
+FULL = QUICK + [((8, 64, 64, 64), 1), ((32, 256, 8, 8), 32), ((4, 512, 64, 64), 32)]
+
+
+def kernel_backends(device: str) -> list[str]:
+    """genkern backends worth timing on this device (the Triton interpreter is not)."""
+    return [b for b in genkern.backends(device) if b != "reference" and not (b == "triton" and device == "cpu")]
+
+
+def eager(x, G, w, b):
+    return F.silu(F.group_norm(x, G, w, b))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_eager():
+    return torch.compile(eager, dynamic=False)
+
+
+def genkern_fn(backend):
+    def fn(x, G, w, b):
+        with genkern.use_backend(backend):
+            return genkern.group_norm_silu(x, G, w, b)
+    return fn
+
+
+def implementations(device: str, with_compile: bool = True) -> dict:
+    impls = {"eager": eager}
+    if with_compile:
+        impls["torch.compile"] = compiled_eager()
+    for be in kernel_backends(device):
+        impls[f"genkern[{be}]"] = genkern_fn(be)
+    return impls
+
+
+def make_inputs(shape, dtype, device, channels_last, requires_grad):
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(shape[1], device=device, dtype=dtype)
+    b = torch.randn(shape[1], device=device, dtype=dtype)
+    for t in (x, w, b):
+        t.requires_grad_(requires_grad)
+    return x, w, b
+
+
+def case_callables(impls, shape, G, dtype, device, channels_last, backward):
+    """{impl: zero-argument callable} running one forward (or forward + backward)."""
+    x, w, b = make_inputs(shape, dtype, device, channels_last, backward)
+    dy = torch.randn_like(x)
+    out = {}
+    for name, fn in impls.items():
+        if backward:
+            def run(fn=fn):
+                x.grad = w.grad = b.grad = None
+                fn(x, G, w, b).backward(dy)
+        else:
+            def run(fn=fn):
+                with torch.no_grad():
+                    return fn(x, G, w, b)
+        out[name] = run
+    traffic = bytes_moved(x, G, w, b) + (bytes_moved(x, G, w, b, backward=True) if backward else 0)
+    return out, traffic, (x, w, b)
+
+
+def cases(quick: bool, device: str):
+    dtypes = [torch.float32] if (quick or device == "cpu") else [torch.float32, torch.bfloat16]
+    for shape, G in (QUICK if quick else FULL):
+        for channels_last in ([False] if quick else [False, True]):
+            for dtype in dtypes:
+                yield dict(shape=shape, G=G, dtype=dtype, channels_last=channels_last)
+    if quick:  # one channels-last case keeps that path honest in the quick report
+        yield dict(shape=QUICK[0][0], G=QUICK[0][1], dtype=torch.float32, channels_last=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# pytest-benchmark: `pytest bench --benchmark-only --benchmark-group-by=group`
+
+PYTEST_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("impl", list(implementations(PYTEST_DEVICE, with_compile=True)))
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape,G", QUICK, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_group_norm_silu(benchmark, impl, backward, shape, G):
+    fns, traffic, _ = case_callables({impl: implementations(PYTEST_DEVICE)[impl]}, shape, G, torch.float32,
+                                     PYTEST_DEVICE, False, backward)
+    benchmark.group = f"{OP} {'x'.join(map(str, shape))} {'fwd+bwd' if backward else 'fwd'}"
+    benchmark.extra_info["bytes_moved"] = traffic
+    fn = fns[impl]
+    if PYTEST_DEVICE == "cuda":
+        def fn(f=fn):
+            f()
+            torch.cuda.synchronize()
+    benchmark.pedantic(fn, rounds=20, warmup_rounds=3)

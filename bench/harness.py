@@ -1,0 +1,76 @@
+"""Timing that is fair to every contender: all implementations of a case run in one process,
+interleaved (round-robin, so drift and thermal/turbo changes hit all alike), warmed up, and each
+reported as the median of many runs. Plus the bytes-moved helpers and the copy-bandwidth yardstick."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, min_runs: int = 15,
+                     budget_s: float = 1.0, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each fn; calls are interleaved round-robin."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    while True:
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - t0)
+        runs = len(next(iter(samples.values())))
+        if runs >= min_runs and (time.perf_counter() - start > budget_s or runs >= 2000):
+            break
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def copy_bandwidth(num_bytes: int, device: str) -> float:
+    """Measured bytes/s of a device copy of a tensor this size (read + write counted)."""
+    src = torch.empty(max(num_bytes // 4, 1), dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = time_interleaved({"copy": lambda: dst.copy_(src)}, device, min_runs=20, budget_s=0.3)["copy"]
+    return 2 * src.numel() * 4 / t
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of tensors autograd saves for backward while running fn (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "CPU")
+    except OSError:
+        model = "CPU"
+    return f"{model} ({torch.get_num_threads()} threads)"

@@ -1,0 +1,173 @@
+"""`python -m bench`: every op at the reference models' shapes, forward and forward+backward, eager
+PyTorch vs torch.compile of the same code vs each genkern backend, in one process, interleaved.
+
+Writes bench/results/<device>.json, .md and .png, and prints the table."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+import torch
+
+import genkern
+
+from . import bench_group_norm_silu
+from .harness import copy_bandwidth, device_name, nbytes, saved_bytes, time_interleaved
+
+OPS = {"group_norm_silu": bench_group_norm_silu}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _progress(total):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc="bench", unit="case", file=sys.stderr)
+    except ImportError:
+        class _Plain:
+            def update(self, n=1):
+                pass
+
+            def set_postfix_str(self, s):
+                print(f"  {s}", file=sys.stderr, flush=True)
+
+            def close(self):
+                pass
+        return _Plain()
+
+
+def _fmt_shape(shape):
+    return "x".join(map(str, shape))
+
+
+def run(ops, device, quick, with_compile, budget_s):
+    plan = [(op, case, backward) for op in ops for case in OPS[op].cases(quick, device) for backward in (False, True)]
+    bar = _progress(len(plan))
+    rows = []
+    impls = {op: OPS[op].implementations(device, with_compile) for op in ops}
+    for op, case, backward in plan:
+        mod = OPS[op]
+        label = f"{op} {_fmt_shape(case['shape'])} {'fwd+bwd' if backward else 'fwd'}"
+        bar.set_postfix_str(label)
+        fns, traffic, tensors = mod.case_callables(impls[op], device=device, backward=backward, **case)
+        times = time_interleaved(fns, device, budget_s=budget_s)
+        copy_bw = copy_bandwidth(nbytes(tensors[0]), device)
+        eager_t, compile_t = times["eager"], times.get("torch.compile")
+        for name, t in times.items():
+            saved = None
+            if backward and name != "torch.compile":
+                saved = saved_bytes(fns[name])
+            rows.append(dict(
+                op=op, shape=_fmt_shape(case["shape"]), groups=case.get("G"),
+                layout="channels_last" if case.get("channels_last") else "nchw",
+                dtype=str(case["dtype"]).replace("torch.", ""), pass_="fwd+bwd" if backward else "fwd",
+                impl=name, ms=t * 1e3, gbps=traffic / t / 1e9, copy_gbps=copy_bw / 1e9,
+                frac_copy=traffic / t / copy_bw, vs_eager=eager_t / t,
+                vs_compile=(compile_t / t) if compile_t else None,
+                saved_mb=None if saved is None else saved / 2**20))
+        bar.update(1)
+    bar.close()
+    return rows
+
+
+COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("layout", "layout", "{}"), ("dtype", "dtype", "{}"),
+           ("pass_", "pass", "{}"), ("impl", "impl", "{}"), ("ms", "ms", "{:.3f}"), ("gbps", "GB/s", "{:.1f}"),
+           ("frac_copy", "% copy", "{:.0%}"), ("vs_eager", "vs eager", "{:.2f}x"),
+           ("vs_compile", "vs compile", "{:.2f}x"), ("saved_mb", "saved MB", "{:.1f}")]
+
+
+def _cell(row, key, fmt):
+    v = row[key]
+    return "-" if v is None else fmt.format(v)
+
+
+def table_text(rows):
+    cells = [[h for _, h, _ in COLUMNS]] + [[_cell(r, k, f) for k, _, f in COLUMNS] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def table_markdown(rows):
+    out = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    out += ["| " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def environment(device):
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(date=datetime.date.today().isoformat(), device=device, device_name=device_name(device),
+                torch=torch.__version__, triton=triton_version, python=platform.python_version(),
+                threads=torch.get_num_threads(), genkern=genkern.__version__,
+                backends=list(genkern.backends(device)))
+
+
+def chart(rows, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+        return False
+    impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "eager"]
+    cases = list(dict.fromkeys((r["op"], r["shape"], r["layout"], r["dtype"], r["pass_"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(cases)), 5))
+    width = 0.8 / max(len(impls), 1)
+    for k, impl in enumerate(impls):
+        vals = [next((r["vs_eager"] for r in rows if (r["op"], r["shape"], r["layout"], r["dtype"], r["pass_"]) == c
+                      and r["impl"] == impl), 0) for c in cases]
+        ax.bar([i + k * width for i in range(len(cases))], vals, width, label=impl)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(cases))])
+    ax.set_xticklabels(["\n".join([c[0], c[1], c[2] + " " + c[3], c[4]]) for c in cases], fontsize=7)
+    ax.set_ylabel("speedup vs eager PyTorch")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--full", action="store_true", help="more shapes, layouts and dtypes")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (it compiles for minutes on CPU)")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case (min 15 runs each)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = p.parse_args(argv)
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        p.error(f"unknown op(s) {unknown}; choose from {list(OPS)}")
+    env = environment(args.device)
+    print(f"genkern bench on {env['device_name']}: torch {env['torch']}, triton {env['triton']}, "
+          f"backends {env['backends']}", flush=True)
+    rows = run(ops, args.device, not args.full, not args.no_compile, args.budget)
+    text = table_text(rows)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, args.device)
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(environment=env, rows=rows), f, indent=1)
+    title = f"genkern on {env['device_name']} ({env['date']}, torch {env['torch']})"
+    with open(stem + ".md", "w") as f:
+        f.write(f"# {title}\n\nGB/s from each op's bytes-moved model; % copy = that over a device copy of the "
+                f"same size measured in the same run; saved MB = tensors kept for backward.\n\n")
+        f.write(table_markdown(rows) + "\n")
+    made_png = chart(rows, stem + ".png", title)
+    print(f"\nwrote {stem}.json, {stem}.md" + (f", {stem}.png" if made_png else ""))
+
+
+if __name__ == "__main__":
+    main()
