@@ -6,6 +6,7 @@
 // owns whole groups/samples and reads them a second time while they are still in its cache;
 // otherwise the tasks of one group/sample are spread over the threads.
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -102,11 +103,12 @@ inline void affine_act(const T* x, T* y, int64_t n, P mu, P a, P b) {
   for (; i < n; ++i) y[i] = static_cast<T>(Act<A>::f((static_cast<float>(x[i]) - mu.at(i)) * a.at(i) + b.at(i)));
 }
 
-// Backward, pass 1: du = dy * act'((x - mu) * a + b); accumulates du * (x - mu) and du.
-
+// Backward, pass 1: du = dy * act'((x - mu) * a + b), kept in a float32 scratch row (the
+// activation's derivative is the expensive part; pass 2 then costs two loads and two FMAs);
+// accumulates du * (x - mu) and du.
 template <typename T, Activation A, typename P>
-inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float* dsc, float* db,
-                      bool per_lane_out) {
+inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float* du_out, float* dsc,
+                      float* db, bool per_lane_out) {
   // per_lane_out: accumulate into dsc[i], db[i] (channels-last); else into dsc[0], db[0].
   Vec s1(0.f), s2(0.f);
   int64_t i = 0;
@@ -118,6 +120,8 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float*
     xb = xb - mu.vec(i + kVec);
     const Vec dua = ga * ActVec<A>::df(at::vec::fmadd(xa, a.vec(i), b.vec(i)));
     const Vec dub = gb * ActVec<A>::df(at::vec::fmadd(xb, a.vec(i + kVec), b.vec(i + kVec)));
+    dua.store(du_out + i);
+    dub.store(du_out + i + kVec);
     const Vec ca = xa * dua, cb = xb * dub;
     if (per_lane_out) {
       (Vec::loadu(dsc + i) + ca).store(dsc + i);
@@ -133,6 +137,7 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float*
   for (; i < n; ++i) {
     const float xc = static_cast<float>(x[i]) - mu.at(i);
     const float du = static_cast<float>(dy[i]) * Act<A>::df(xc * a.at(i) + b.at(i));
+    du_out[i] = du;
     if (per_lane_out) {
       dsc[i] += du * xc;
       db[i] += du;
@@ -148,26 +153,19 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float*
 }
 
 // Backward, pass 2: dx = k1 * du + k2 * (x - mu) + k3.
-template <typename T, Activation A, typename P>
-inline void grad_apply(const T* x, const T* dy, T* dx, int64_t n, P a, P b, P mu, P k1, P k2, P k3) {
+template <typename T, typename P>
+inline void grad_apply(const T* x, const float* du, T* dx, int64_t n, P mu, P k1, P k2, P k3) {
   int64_t i = 0;
   for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
-    Vec x2[2], g2[2];
+    Vec x2[2];
     VecIO<T>::load(x + i, x2[0], x2[1]);
-    VecIO<T>::load(dy + i, g2[0], g2[1]);
     for (int h = 0; h < 2; ++h) {
       const int64_t j = i + h * kVec;
-      const Vec xc = x2[h] - mu.vec(j);
-      const Vec du = g2[h] * ActVec<A>::df(at::vec::fmadd(xc, a.vec(j), b.vec(j)));
-      x2[h] = at::vec::fmadd(k1.vec(j), du, at::vec::fmadd(k2.vec(j), xc, k3.vec(j)));
+      x2[h] = at::vec::fmadd(k1.vec(j), Vec::loadu(du + j), at::vec::fmadd(k2.vec(j), x2[h] - mu.vec(j), k3.vec(j)));
     }
     VecIO<T>::store(dx + i, x2[0], x2[1]);
   }
-  for (; i < n; ++i) {
-    const float xc = static_cast<float>(x[i]) - mu.at(i);
-    const float du = static_cast<float>(dy[i]) * Act<A>::df(xc * a.at(i) + b.at(i));
-    dx[i] = static_cast<T>(k1.at(i) * du + k2.at(i) * xc + k3.at(i));
-  }
+  for (; i < n; ++i) dx[i] = static_cast<T>(k1.at(i) * du[i] + k2.at(i) * (static_cast<float>(x[i]) - mu.at(i)) + k3.at(i));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -328,14 +326,15 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
     const float mu = mean[ng], r = rstd[ng];
     const int64_t K = slices_per_row(split, s.D, s.HW), L = (s.HW + K - 1) / K;
     std::vector<float> part(2 * s.D * K, 0.f);
+    std::unique_ptr<float[]> du(new float[M]);  // this group's du, cache-resident between the passes
     maybe_parallel(split, s.D * K, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L);
         if (lo >= hi) continue;
         const float a = r * w[c0 + d];
         const int64_t off = off0 + d * s.HW + lo;
-        grad_sums<T, A>(x + off, dy + off, hi - lo, Broadcast{a}, Broadcast{b[c0 + d]},
-                        Broadcast{mu}, &part[2 * t], &part[2 * t + 1], false);
+        grad_sums<T, A>(x + off, dy + off, hi - lo, Broadcast{a}, Broadcast{b[c0 + d]}, Broadcast{mu},
+                        du.get() + (off - off0), &part[2 * t], &part[2 * t + 1], false);
       }
     });
     for (int64_t t = 0; t < s.D * K; ++t) {
@@ -349,10 +348,9 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L), c = c0 + d;
         if (lo >= hi) continue;
-        const float a = r * w[c];
         const int64_t off = off0 + d * s.HW + lo;
-        grad_apply<T, A>(x + off, dy + off, dx + off, hi - lo, Broadcast{a}, Broadcast{b[c]},
-                         Broadcast{mu}, Broadcast{k[c]}, Broadcast{k[s.C + c]}, Broadcast{k[2 * s.C + c]});
+        grad_apply<T>(x + off, du.get() + (off - off0), dx + off, hi - lo, Broadcast{mu}, Broadcast{k[c]},
+                      Broadcast{k[s.C + c]}, Broadcast{k[2 * s.C + c]});
       }
     });
   });
@@ -374,6 +372,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
     }
     const PixelBlocks pb(split, HW, C);
     std::vector<double> part(2 * pb.count * C, 0.0);
+    std::unique_ptr<float[]> du(new float[HW * C]);  // this sample's du
     maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
       std::vector<float> acc(2 * C);
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -384,7 +383,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
           std::fill(acc.begin(), acc.end(), 0.f);
           for (; p < q; ++p)
             grad_sums<T, A>(x + base + p * C, dy + base + p * C, C, PerLane{a}, PerLane{b},
-                            PerLane{mu}, acc.data(), acc.data() + C, true);
+                            PerLane{mu}, du.get() + p * C, acc.data(), acc.data() + C, true);
           for (int64_t c = 0; c < C; ++c) out[c] += acc[c], out[C + c] += acc[C + c];
         }
       }
@@ -398,8 +397,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
     maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
       for (int64_t p = b0 * pb.size; p < std::min(HW, b1 * pb.size); ++p) {
         const int64_t off = base + p * C;
-        grad_apply<T, A>(x + off, dy + off, dx + off, C, PerLane{a}, PerLane{b}, PerLane{mu},
-                         PerLane{k1}, PerLane{k2}, PerLane{k3});
+        grad_apply<T>(x + off, du.get() + p * C, dx + off, C, PerLane{mu}, PerLane{k1}, PerLane{k2}, PerLane{k3});
       }
     });
   });
