@@ -77,3 +77,13 @@ def test_torch_compile_fullgraph_matches_eager(backend, device):
     torch.testing.assert_close(gx, x.grad, atol=1e-3, rtol=1e-3)
     for (n, p), (_, q) in zip(fused.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-3, rtol=1e-3, msg=n)
+
+
+def test_kernels_registered_for_their_dispatch_keys():
+    import genkern._extension as ext
+    if not ext.LOADED:
+        pytest.skip(ext.STATUS)
+    for name in ("genkern::group_norm_silu", "genkern::group_norm_silu_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+        # the CUDA kernels are compiled wherever a toolkit is, even with no GPU to run them
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") == ext.has_cuda_kernels()
