@@ -9,6 +9,8 @@
 // Statistics use sums of (x - pivot), pivot = the group's first element, so that the variance
 // E[(x-p)^2] - E[x-p]^2 does not cancel catastrophically for inputs with a large mean.
 #pragma once
+#include <cmath>
+#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -87,6 +89,60 @@ inline at::Tensor param_or(const std::optional<at::Tensor>& p, const at::Tensor&
 
 inline at::ScalarType param_grad_dtype(const std::optional<at::Tensor>& p, const at::Tensor& x) {
   return p.has_value() ? p->scalar_type() : x.scalar_type();
+}
+
+// The checked, kernel-laid-out arguments and the outputs of a forward call (CPU and CUDA alike).
+struct ForwardCall {
+  Activation act;
+  at::Tensor x, y, mean, rstd;
+  GroupNormShape s;
+};
+
+inline ForwardCall prepare_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                                   c10::string_view activation) {
+  ForwardCall c;
+  c.act = parse_activation(std::string(activation));
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "group_norm_silu: eps must be finite and >= 0, got ", eps);
+  c.x = to_kernel_layout(x_in);
+  c.s = group_norm_shape(c.x, weight, bias, num_groups);
+  c.y = at::empty_like(c.x);
+  c.mean = at::empty({c.s.N, c.s.G}, c.x.options().dtype(at::kFloat));
+  c.rstd = at::empty({c.s.N, c.s.G}, c.x.options().dtype(at::kFloat));
+  if (c.x.numel() == 0) {  // statistics of an empty group are undefined
+    c.mean.fill_(NAN);
+    c.rstd.fill_(NAN);
+  }
+  return c;
+}
+
+// The same for a backward call: dy in x's memory layout, so both are walked with the same offsets.
+struct BackwardCall {
+  Activation act;
+  at::Tensor x, dy, mean, rstd, dx;
+  GroupNormShape s;
+  at::ScalarType weight_grad_dtype, bias_grad_dtype;
+};
+
+inline BackwardCall prepare_backward(const at::Tensor& grad_y, const at::Tensor& x_in,
+                                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                     const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+                                     c10::string_view activation) {
+  BackwardCall c;
+  c.act = parse_activation(std::string(activation));
+  c.x = to_kernel_layout(x_in);
+  c.s = group_norm_shape(c.x, weight, bias, num_groups);
+  TORCH_CHECK_VALUE(grad_y.sizes() == c.x.sizes() && grad_y.scalar_type() == c.x.scalar_type(),
+                    "group_norm_silu_backward: grad_y must match x in shape and dtype, got ", grad_y.sizes(),
+                    " ", grad_y.scalar_type(), " vs ", c.x.sizes(), " ", c.x.scalar_type());
+  check_saved_stats(mean, rstd, c.s);
+  c.dy = grad_y.strides() == c.x.strides() ? grad_y : at::empty_like(c.x).copy_(grad_y);
+  c.mean = mean.contiguous();
+  c.rstd = rstd.contiguous();
+  c.dx = at::empty_like(c.x);
+  c.weight_grad_dtype = param_grad_dtype(weight, c.x);
+  c.bias_grad_dtype = param_grad_dtype(bias, c.x);
+  return c;
 }
 
 }  // namespace genkern

@@ -258,6 +258,27 @@ struct PixelBlocks {
   }
 };
 
+// Per-channel sums over the pixel rows of one channels-last sample, one float64 [2, C] slot per
+// block: row(p, acc1, acc2) adds row p into float32 accumulators, flushed every kFlushRows rows.
+template <typename RowFn>
+std::vector<double> channel_block_sums(bool split, const PixelBlocks& pb, int64_t HW, int64_t C, const RowFn& row) {
+  std::vector<double> part(2 * pb.count * C, 0.0);
+  maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
+    std::vector<float> acc(2 * C);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t p_end = std::min(HW, (blk + 1) * pb.size);
+      double* out = part.data() + 2 * blk * C;
+      for (int64_t p = blk * pb.size; p < p_end;) {
+        const int64_t q = std::min(p_end, p + kFlushRows);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (; p < q; ++p) row(p, acc.data(), acc.data() + C);
+        for (int64_t c = 0; c < C; ++c) out[c] += acc[c], out[C + c] += acc[C + c];
+      }
+    }
+  });
+  return part;
+}
+
 template <typename T, Activation A>
 void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
                   const GroupNormShape& s, double eps) {
@@ -268,19 +289,8 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean,
     std::vector<float> pivot(C), muc(C), a(C);
     for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<float>(xn[(c / s.D) * s.D]);
     const PixelBlocks pb(split, HW, C);
-    std::vector<double> part(2 * pb.count * C, 0.0);
-    maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
-      std::vector<float> acc(2 * C);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t p_end = std::min(HW, (blk + 1) * pb.size);
-        double* out = part.data() + 2 * blk * C;
-        for (int64_t p = blk * pb.size; p < p_end;) {
-          const int64_t q = std::min(p_end, p + kFlushRows);
-          std::fill(acc.begin(), acc.end(), 0.f);
-          for (; p < q; ++p) shifted_sums_lanes(xn + p * C, C, pivot.data(), acc.data(), acc.data() + C);
-          for (int64_t c = 0; c < C; ++c) out[c] += acc[c], out[C + c] += acc[C + c];
-        }
-      }
+    const std::vector<double> part = channel_block_sums(split, pb, HW, C, [&](int64_t p, float* a1, float* a2) {
+      shifted_sums_lanes(xn + p * C, C, pivot.data(), a1, a2);
     });
     for (int64_t g = 0; g < s.G; ++g) {
       double s1 = 0, s2 = 0;
@@ -371,22 +381,10 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
       a[c] = rstd[ng] * w[c];
     }
     const PixelBlocks pb(split, HW, C);
-    std::vector<double> part(2 * pb.count * C, 0.0);
     std::unique_ptr<float[]> du(new float[HW * C]);  // this sample's du
-    maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
-      std::vector<float> acc(2 * C);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t p_end = std::min(HW, (blk + 1) * pb.size);
-        double* out = part.data() + 2 * blk * C;
-        for (int64_t p = blk * pb.size; p < p_end;) {
-          const int64_t q = std::min(p_end, p + kFlushRows);
-          std::fill(acc.begin(), acc.end(), 0.f);
-          for (; p < q; ++p)
-            grad_sums<T, A>(x + base + p * C, dy + base + p * C, C, PerLane{a}, PerLane{b},
-                            PerLane{mu}, du.get() + p * C, acc.data(), acc.data() + C, true);
-          for (int64_t c = 0; c < C; ++c) out[c] += acc[c], out[C + c] += acc[C + c];
-        }
-      }
+    const std::vector<double> part = channel_block_sums(split, pb, HW, C, [&](int64_t p, float* a1, float* a2) {
+      grad_sums<T, A>(x + base + p * C, dy + base + p * C, C, PerLane{a}, PerLane{b}, PerLane{mu}, du.get() + p * C,
+                      a1, a2, true);
     });
     for (int64_t blk = 0; blk < pb.count; ++blk)
       for (int64_t c = 0; c < C; ++c)
@@ -418,28 +416,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     int64_t num_groups, double eps, c10::string_view activation) {
   check_cpu_isa();
-  const Activation act = parse_activation(std::string(activation));
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "group_norm_silu: eps must be finite and >= 0, got ", eps);
-  const at::Tensor x = to_kernel_layout(x_in);
-  const GroupNormShape s = group_norm_shape(x, weight, bias, num_groups);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({s.N, s.G}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({s.N, s.G}, x.options().dtype(at::kFloat));
-  if (x.numel() == 0) {
-    mean.fill_(NAN), rstd.fill_(NAN);  // statistics of an empty group are undefined
-    return {y, mean, rstd};
-  }
-  const at::Tensor w = param_or(weight, x, 1.f), b = param_or(bias, x, 0.f);
-  GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu", [&] {
-    dispatch_activation(act, [&](auto a) {
+  ForwardCall c = prepare_forward(x_in, weight, bias, num_groups, eps, activation);
+  if (c.x.numel() == 0) return {c.y, c.mean, c.rstd};
+  const at::Tensor w = param_or(weight, c.x, 1.f), b = param_or(bias, c.x, 0.f);
+  GENKERN_DISPATCH_FLOAT_TYPES(c.x.scalar_type(), "group_norm_silu", [&] {
+    dispatch_activation(c.act, [&](auto a) {
       constexpr Activation A = decltype(a)::value;
-      auto kernel = s.channels_last ? forward_nhwc<scalar_t, A> : forward_nchw<scalar_t, A>;
-      kernel(x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
-             y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(),
-             s, eps);
+      auto kernel = c.s.channels_last ? forward_nhwc<scalar_t, A> : forward_nchw<scalar_t, A>;
+      kernel(c.x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
+             c.y.mutable_data_ptr<scalar_t>(), c.mean.mutable_data_ptr<float>(),
+             c.rstd.mutable_data_ptr<float>(), c.s, eps);
     });
   });
-  return {y, mean, rstd};
+  return {c.y, c.mean, c.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward(
@@ -447,41 +436,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward(
     const std::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& rstd_in,
     int64_t num_groups, c10::string_view activation) {
   check_cpu_isa();
-  const Activation act = parse_activation(std::string(activation));
-  const at::Tensor x = to_kernel_layout(x_in);
-  const GroupNormShape s = group_norm_shape(x, weight, bias, num_groups);
-  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
-                    "group_norm_silu_backward: grad_y must match x in shape and dtype, got ",
-                    grad_y.sizes(), " ", grad_y.scalar_type(), " vs ", x.sizes(), " ", x.scalar_type());
-  check_saved_stats(mean_in, rstd_in, s);
-  // dy in the same memory layout as x, so both are walked with the same offsets.
-  const at::Tensor dy = grad_y.strides() == x.strides() ? grad_y : at::empty_like(x).copy_(grad_y);
-  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dsc = at::zeros({s.N, s.C}, x.options().dtype(at::kDouble));
-  at::Tensor dbs = at::zeros({s.N, s.C}, x.options().dtype(at::kDouble));
-  if (x.numel() == 0) {
-    return {dx, at::zeros({s.C}, x.options().dtype(param_grad_dtype(weight, x))),
-            at::zeros({s.C}, x.options().dtype(param_grad_dtype(bias, x)))};
+  BackwardCall c = prepare_backward(grad_y, x_in, weight, bias, mean_in, rstd_in, num_groups, activation);
+  const GroupNormShape& s = c.s;
+  const auto opts = c.x.options();
+  if (c.x.numel() == 0) {
+    return {c.dx, at::zeros({s.C}, opts.dtype(c.weight_grad_dtype)), at::zeros({s.C}, opts.dtype(c.bias_grad_dtype))};
   }
-  {
-    const at::Tensor w = param_or(weight, x, 1.f), b = param_or(bias, x, 0.f);
-    GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward", [&] {
-      dispatch_activation(act, [&](auto a) {
-        constexpr Activation A = decltype(a)::value;
-        auto kernel = s.channels_last ? backward_nhwc<scalar_t, A> : backward_nchw<scalar_t, A>;
-        kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-               b.const_data_ptr<float>(), mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
-               dx.mutable_data_ptr<scalar_t>(), dsc.mutable_data_ptr<double>(),
-               dbs.mutable_data_ptr<double>(), s);
-      });
+  at::Tensor dsc = at::zeros({s.N, s.C}, opts.dtype(at::kDouble));
+  at::Tensor dbs = at::zeros({s.N, s.C}, opts.dtype(at::kDouble));
+  const at::Tensor w = param_or(weight, c.x, 1.f), b = param_or(bias, c.x, 0.f);
+  GENKERN_DISPATCH_FLOAT_TYPES(c.x.scalar_type(), "group_norm_silu_backward", [&] {
+    dispatch_activation(c.act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      auto kernel = s.channels_last ? backward_nhwc<scalar_t, A> : backward_nchw<scalar_t, A>;
+      kernel(c.dy.const_data_ptr<scalar_t>(), c.x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
+             b.const_data_ptr<float>(), c.mean.const_data_ptr<float>(), c.rstd.const_data_ptr<float>(),
+             c.dx.mutable_data_ptr<scalar_t>(), dsc.mutable_data_ptr<double>(), dbs.mutable_data_ptr<double>(), s);
     });
-  }
+  });
   // dweight_c = sum_n rstd[n, g(c)] * dsc[n, c];  dbias_c = sum_n dbs[n, c]
-  const at::Tensor r = rstd.to(at::kDouble).repeat_interleave(s.D, 1);
-  at::Tensor dw = (dsc * r).sum(0).to(param_grad_dtype(weight, x));
-  at::Tensor db = dbs.sum(0).to(param_grad_dtype(bias, x));
-  return {dx, dw, db};
+  const at::Tensor r = c.rstd.to(at::kDouble).repeat_interleave(s.D, 1);
+  return {c.dx, (dsc * r).sum(0).to(c.weight_grad_dtype), dbs.sum(0).to(c.bias_grad_dtype)};
 }
 
 }  // namespace

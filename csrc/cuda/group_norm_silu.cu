@@ -171,72 +171,55 @@ __global__ void grad_apply_kernel(const T* __restrict__ dy, const T* __restrict_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     int64_t num_groups, double eps, c10::string_view activation) {
-  const Activation act = parse_activation(std::string(activation));
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "group_norm_silu: eps must be finite and >= 0, got ", eps);
-  const at::Tensor x = to_kernel_layout(x_in);
-  const GroupNormShape s = group_norm_shape(x, weight, bias, num_groups);
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({s.N, s.G}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({s.N, s.G}, x.options().dtype(at::kFloat));
-  if (x.numel() == 0) {
-    mean.fill_(NAN), rstd.fill_(NAN);
-    return {y, mean, rstd};
-  }
-  const at::Tensor w = param_or(weight, x, 1.f), b = param_or(bias, x, 0.f);
-  const Geometry geo = make_geometry(s);
-  at::Tensor part = at::empty({s.N * s.G, geo.n_chunks, 2}, x.options().dtype(at::kFloat));
-  const dim3 grid(static_cast<unsigned>(s.N * s.G), geo.n_chunks);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  ForwardCall c = prepare_forward(x_in, weight, bias, num_groups, eps, activation);
+  if (c.x.numel() == 0) return {c.y, c.mean, c.rstd};
+  const at::Tensor w = param_or(weight, c.x, 1.f), b = param_or(bias, c.x, 0.f);
+  const Geometry geo = make_geometry(c.s);
+  at::Tensor part = at::empty({c.s.N * c.s.G, geo.n_chunks, 2}, c.x.options().dtype(at::kFloat));
+  const dim3 grid(static_cast<unsigned>(c.s.N * c.s.G), geo.n_chunks);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_cuda", [&] {
-    stats_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(),
+  GENKERN_DISPATCH_FLOAT_TYPES(c.x.scalar_type(), "group_norm_silu_cuda", [&] {
+    stats_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(c.x.const_data_ptr<scalar_t>(),
                                                           part.mutable_data_ptr<float>(), geo);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dispatch_activation(act, [&](auto a) {
+    dispatch_activation(c.act, [&](auto a) {
       constexpr Activation A = decltype(a)::value;
       apply_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-          b.const_data_ptr<float>(), part.const_data_ptr<float>(), mean.mutable_data_ptr<float>(),
-          rstd.mutable_data_ptr<float>(), geo, static_cast<float>(eps));
+          c.x.const_data_ptr<scalar_t>(), c.y.mutable_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
+          b.const_data_ptr<float>(), part.const_data_ptr<float>(), c.mean.mutable_data_ptr<float>(),
+          c.rstd.mutable_data_ptr<float>(), geo, static_cast<float>(eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {y, mean, rstd};
+  return {c.y, c.mean, c.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward(
     const at::Tensor& grad_y, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& rstd_in,
     int64_t num_groups, c10::string_view activation) {
-  const Activation act = parse_activation(std::string(activation));
-  const at::Tensor x = to_kernel_layout(x_in);
-  const GroupNormShape s = group_norm_shape(x, weight, bias, num_groups);
-  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
-                    "group_norm_silu_backward: grad_y must match x in shape and dtype, got ",
-                    grad_y.sizes(), " ", grad_y.scalar_type(), " vs ", x.sizes(), " ", x.scalar_type());
-  check_saved_stats(mean_in, rstd_in, s);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor dy = grad_y.strides() == x.strides() ? grad_y : at::empty_like(x).copy_(grad_y);
-  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
-  at::Tensor dx = at::empty_like(x);
-  const auto wdt = param_grad_dtype(weight, x), bdt = param_grad_dtype(bias, x);
-  if (x.numel() == 0) {
-    return {dx, at::zeros({s.C}, x.options().dtype(wdt)), at::zeros({s.C}, x.options().dtype(bdt))};
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  BackwardCall c = prepare_backward(grad_y, x_in, weight, bias, mean_in, rstd_in, num_groups, activation);
+  const GroupNormShape& s = c.s;
+  const auto opts = c.x.options();
+  if (c.x.numel() == 0) {
+    return {c.dx, at::zeros({s.C}, opts.dtype(c.weight_grad_dtype)), at::zeros({s.C}, opts.dtype(c.bias_grad_dtype))};
   }
-  const at::Tensor w = param_or(weight, x, 1.f), b = param_or(bias, x, 0.f);
+  const at::Tensor w = param_or(weight, c.x, 1.f), b = param_or(bias, c.x, 0.f);
   const Geometry geo = make_geometry(s);
-  at::Tensor part = at::empty({s.N, geo.n_chunks, s.C, 2}, x.options().dtype(at::kFloat));
+  at::Tensor part = at::empty({s.N, geo.n_chunks, s.C, 2}, opts.dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(s.N * s.G), geo.n_chunks);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const size_t shmem = s.channels_last ? 2 * s.D * sizeof(float) : 0;
   TORCH_CHECK(shmem <= 48 * 1024, "group_norm_silu_backward: too many channels per group (", s.D,
               ") for the channels-last CUDA kernel; use the triton backend");
-  GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
-    dispatch_activation(act, [&](auto a) {
+  GENKERN_DISPATCH_FLOAT_TYPES(c.x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
+    dispatch_activation(c.act, [&](auto a) {
       constexpr Activation A = decltype(a)::value;
       grad_sums_kernel<scalar_t, A><<<grid, kThreads, shmem, stream>>>(
-          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-          b.const_data_ptr<float>(), mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
+          c.dy.const_data_ptr<scalar_t>(), c.x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
+          b.const_data_ptr<float>(), c.mean.const_data_ptr<float>(), c.rstd.const_data_ptr<float>(),
           part.mutable_data_ptr<float>(), geo);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -244,26 +227,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward(
   // The [N, C]-sized algebra between the two passes (see csrc/group_norm_silu.h).
   const at::Tensor sums = part.sum(1);
   const at::Tensor dsc = sums.select(-1, 0), dbs = sums.select(-1, 1);
-  const at::Tensor r = rstd.repeat_interleave(s.D, 1);
+  const at::Tensor r = c.rstd.repeat_interleave(s.D, 1);
   const double M = static_cast<double>(s.D * s.HW);
   const at::Tensor mean_wdu = (w * dbs).view({s.N, s.G, s.D}).sum(-1, true) / M;
   const at::Tensor mean_wdu_xhat = (w * r * dsc).view({s.N, s.G, s.D}).sum(-1, true) / M;
-  const at::Tensor rg = rstd.unsqueeze(-1);
+  const at::Tensor rg = c.rstd.unsqueeze(-1);
   const at::Tensor coef = at::stack({(r * w).view({s.N, s.G, s.D}), (-rg * rg * mean_wdu_xhat).expand({s.N, s.G, s.D}),
                                      (-rg * mean_wdu).expand({s.N, s.G, s.D})}, -1)
                               .reshape({s.N, s.C, 3})
                               .contiguous();
-  GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
-    dispatch_activation(act, [&](auto a) {
+  GENKERN_DISPATCH_FLOAT_TYPES(c.x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
+    dispatch_activation(c.act, [&](auto a) {
       constexpr Activation A = decltype(a)::value;
       grad_apply_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
-          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
-          w.const_data_ptr<float>(), b.const_data_ptr<float>(), mean.const_data_ptr<float>(),
-          rstd.const_data_ptr<float>(), coef.const_data_ptr<float>(), geo);
+          c.dy.const_data_ptr<scalar_t>(), c.x.const_data_ptr<scalar_t>(), c.dx.mutable_data_ptr<scalar_t>(),
+          w.const_data_ptr<float>(), b.const_data_ptr<float>(), c.mean.const_data_ptr<float>(),
+          c.rstd.const_data_ptr<float>(), coef.const_data_ptr<float>(), geo);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {dx, (r * dsc).sum(0).to(wdt), dbs.sum(0).to(bdt)};
+  return {c.dx, (r * dsc).sum(0).to(c.weight_grad_dtype), dbs.sum(0).to(c.bias_grad_dtype)};
 }
 
 }  // namespace

@@ -26,6 +26,22 @@ def _tile(base, p0, d0, HW, D, sP, sC, BLOCK_P: tl.constexpr, BLOCK_D: tl.conste
 
 
 @triton.jit
+def _channel_affine(w_ptr, b_ptr, g, d0, D, rstd, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """Channels d0 .. d0+BLOCK_D of group g: (d, mask, a = rstd * w, b) so that u = (x - mean) * a + b."""
+    d = d0 + tl.arange(0, BLOCK_D)
+    dm = d < D
+    c = g * D + d
+    a = tl.full((BLOCK_D,), 1.0, tl.float32) * rstd
+    if HAS_W:
+        a = a * tl.load(w_ptr + c, mask=dm, other=0.0).to(tl.float32)
+    b = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c, mask=dm, other=0.0).to(tl.float32)
+    return c, dm, a, b
+
+
+@triton.jit
 def _stats(x_ptr, part_ptr, HW, C, D, G, n_chunks, chunk_p, sN, sP, sC,
            BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     ng = tl.program_id(0)
@@ -77,14 +93,7 @@ def _apply(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, mean_ptr, rstd_ptr, HW, C, D, G
     p_lo = k * chunk_p
     p_hi = tl.minimum(p_lo + chunk_p, HW)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        c = g * D + d
-        a = tl.full((BLOCK_D,), 1.0, tl.float32) * rstd
-        if HAS_W:
-            a = a * tl.load(w_ptr + c, mask=d < D, other=0.0).to(tl.float32)
-        b = tl.zeros((BLOCK_D,), tl.float32)
-        if HAS_B:
-            b = tl.load(b_ptr + c, mask=d < D, other=0.0).to(tl.float32)
+        c, dm, a, b = _channel_affine(w_ptr, b_ptr, g, d0, D, rstd, HAS_W, HAS_B, BLOCK_D)
         for p0 in range(p_lo, p_hi, BLOCK_P):
             offs, mask, _ = _tile(base, p0, d0, p_hi, D, sP, sC, BLOCK_P, BLOCK_D)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -107,14 +116,7 @@ def _grad_sums(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, HW, C,
     p_lo = k * chunk_p
     p_hi = tl.minimum(p_lo + chunk_p, HW)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        c = g * D + d
-        a = tl.full((BLOCK_D,), 1.0, tl.float32) * rstd
-        if HAS_W:
-            a = a * tl.load(w_ptr + c, mask=d < D, other=0.0).to(tl.float32)
-        b = tl.zeros((BLOCK_D,), tl.float32)
-        if HAS_B:
-            b = tl.load(b_ptr + c, mask=d < D, other=0.0).to(tl.float32)
+        c, dm, a, b = _channel_affine(w_ptr, b_ptr, g, d0, D, rstd, HAS_W, HAS_B, BLOCK_D)
         acc_sc = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
         acc_b = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
         for p0 in range(p_lo, p_hi, BLOCK_P):
@@ -125,8 +127,8 @@ def _grad_sums(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, HW, C,
             acc_sc += du * xc
             acc_b += du
         out = part_ptr + ((n.to(tl.int64) * n_chunks + k) * C + c) * 2
-        tl.store(out, tl.sum(acc_sc, 0), mask=d < D)
-        tl.store(out + 1, tl.sum(acc_b, 0), mask=d < D)
+        tl.store(out, tl.sum(acc_sc, 0), mask=dm)
+        tl.store(out + 1, tl.sum(acc_b, 0), mask=dm)
 
 
 @triton.jit
@@ -144,15 +146,7 @@ def _grad_apply(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coef_pt
     p_lo = k * chunk_p
     p_hi = tl.minimum(p_lo + chunk_p, HW)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dm = d < D
-        c = g * D + d
-        a = tl.full((BLOCK_D,), 1.0, tl.float32) * rstd
-        if HAS_W:
-            a = a * tl.load(w_ptr + c, mask=dm, other=0.0).to(tl.float32)
-        b = tl.zeros((BLOCK_D,), tl.float32)
-        if HAS_B:
-            b = tl.load(b_ptr + c, mask=dm, other=0.0).to(tl.float32)
+        c, dm, a, b = _channel_affine(w_ptr, b_ptr, g, d0, D, rstd, HAS_W, HAS_B, BLOCK_D)
         cp = coef_ptr + (n.to(tl.int64) * C + c) * 3
         k1 = tl.load(cp, mask=dm, other=0.0)
         k2 = tl.load(cp + 1, mask=dm, other=0.0)
