@@ -42,18 +42,25 @@ def _channel_affine(w_ptr, b_ptr, g, d0, D, rstd, HAS_W: tl.constexpr, HAS_B: tl
 
 
 @triton.jit
-def _stats(x_ptr, part_ptr, HW, C, D, G, n_chunks, chunk_p, sN, sP, sC,
-           BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+def _program_chunk(HW, D, G, chunk_p, sN, sC):
+    """This program's (sample, group) ng = (n, g), its pixel chunk k = [p_lo, p_hi), and the int64
+    offset of the group's first element."""
     ng = tl.program_id(0)
     k = tl.program_id(1)
     n = ng // G
     g = ng % G
     base = n.to(tl.int64) * sN + (g * D).to(tl.int64) * sC
+    p_lo = k * chunk_p
+    return ng, k, n, g, base, p_lo, tl.minimum(p_lo + chunk_p, HW)
+
+
+@triton.jit
+def _stats(x_ptr, part_ptr, HW, C, D, G, n_chunks, chunk_p, sN, sP, sC,
+           BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    ng, k, n, g, base, p_lo, p_hi = _program_chunk(HW, D, G, chunk_p, sN, sC)
     pivot = tl.load(x_ptr + base).to(tl.float32)
     s1 = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
     s2 = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
-    p_lo = k * chunk_p
-    p_hi = tl.minimum(p_lo + chunk_p, HW)
     for p0 in range(p_lo, p_hi, BLOCK_P):
         for d0 in range(0, D, BLOCK_D):
             offs, mask, _ = _tile(base, p0, d0, p_hi, D, sP, sC, BLOCK_P, BLOCK_D)
@@ -69,11 +76,7 @@ def _stats(x_ptr, part_ptr, HW, C, D, G, n_chunks, chunk_p, sN, sP, sC,
 def _apply(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, mean_ptr, rstd_ptr, HW, C, D, G, n_chunks, chunk_p,
            sN, sP, sC, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
            BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    ng = tl.program_id(0)
-    k = tl.program_id(1)
-    n = ng // G
-    g = ng % G
-    base = n.to(tl.int64) * sN + (g * D).to(tl.int64) * sC
+    ng, k, n, g, base, p_lo, p_hi = _program_chunk(HW, D, G, chunk_p, sN, sC)
     # combine the chunks' partial sums (every program of the group does the same few loads)
     t1 = tl.zeros((BLOCK_K,), tl.float32)
     t2 = tl.zeros((BLOCK_K,), tl.float32)
@@ -90,8 +93,6 @@ def _apply(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, mean_ptr, rstd_ptr, HW, C, D, G
     if k == 0:
         tl.store(mean_ptr + ng, mean)
         tl.store(rstd_ptr + ng, rstd)
-    p_lo = k * chunk_p
-    p_hi = tl.minimum(p_lo + chunk_p, HW)
     for d0 in range(0, D, BLOCK_D):
         c, dm, a, b = _channel_affine(w_ptr, b_ptr, g, d0, D, rstd, HAS_W, HAS_B, BLOCK_D)
         for p0 in range(p_lo, p_hi, BLOCK_P):
@@ -106,15 +107,9 @@ def _grad_sums(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, HW, C,
                sN, sP, sC, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     # part[n, k, c, 0] = sum_p du * (x - mean),  part[n, k, c, 1] = sum_p du  over chunk k
-    ng = tl.program_id(0)
-    k = tl.program_id(1)
-    n = ng // G
-    g = ng % G
-    base = n.to(tl.int64) * sN + (g * D).to(tl.int64) * sC
+    ng, k, n, g, base, p_lo, p_hi = _program_chunk(HW, D, G, chunk_p, sN, sC)
     mean = tl.load(mean_ptr + ng)
     rstd = tl.load(rstd_ptr + ng)
-    p_lo = k * chunk_p
-    p_hi = tl.minimum(p_lo + chunk_p, HW)
     for d0 in range(0, D, BLOCK_D):
         c, dm, a, b = _channel_affine(w_ptr, b_ptr, g, d0, D, rstd, HAS_W, HAS_B, BLOCK_D)
         acc_sc = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
@@ -136,15 +131,9 @@ def _grad_apply(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coef_pt
                 sN, sP, sC, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     # dx = k1 * du + k2 * (x - mean) + k3 with coef[n, c] = (k1, k2, k3)
-    ng = tl.program_id(0)
-    k = tl.program_id(1)
-    n = ng // G
-    g = ng % G
-    base = n.to(tl.int64) * sN + (g * D).to(tl.int64) * sC
+    ng, k, n, g, base, p_lo, p_hi = _program_chunk(HW, D, G, chunk_p, sN, sC)
     mean = tl.load(mean_ptr + ng)
     rstd = tl.load(rstd_ptr + ng)
-    p_lo = k * chunk_p
-    p_hi = tl.minimum(p_lo + chunk_p, HW)
     for d0 in range(0, D, BLOCK_D):
         c, dm, a, b = _channel_affine(w_ptr, b_ptr, g, d0, D, rstd, HAS_W, HAS_B, BLOCK_D)
         cp = coef_ptr + (n.to(tl.int64) * C + c) * 3
