@@ -16,7 +16,7 @@ import torch
 import genkern
 
 from . import bench_group_norm_silu
-from .harness import copy_bandwidth, device_name, nbytes, saved_bytes, time_interleaved
+from .harness import copy_bandwidth, device_name, nbytes, saved_bytes, steady_cpu_allocator, time_interleaved
 
 OPS = {"group_norm_silu": bench_group_norm_silu}
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -144,13 +144,17 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (it compiles for minutes on CPU)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case (min 15 runs each)")
+    p.add_argument("--raw-allocator", action="store_true",
+                   help="leave glibc malloc as it is (default: keep freed memory, see harness.steady_cpu_allocator)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
+    steady = False if args.raw_allocator else steady_cpu_allocator()
     ops = [o for o in args.ops.split(",") if o]
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         p.error(f"unknown op(s) {unknown}; choose from {list(OPS)}")
     env = environment(args.device)
+    env["steady_cpu_allocator"] = steady
     print(f"genkern bench on {env['device_name']}: torch {env['torch']}, triton {env['triton']}, "
           f"backends {env['backends']}", flush=True)
     rows = run(ops, args.device, not args.full, not args.no_compile, args.budget)
@@ -163,7 +167,8 @@ def main(argv=None):
     title = f"genkern on {env['device_name']} ({env['date']}, torch {env['torch']})"
     with open(stem + ".md", "w") as f:
         f.write(f"# {title}\n\nGB/s from each op's bytes-moved model; % copy = that over a device copy of the "
-                f"same size measured in the same run; saved MB = tensors kept for backward.\n\n")
+                f"same size measured in the same run; saved MB = tensors kept for backward. "
+                f"Steady CPU allocator: {steady}.\n\n")
         f.write(table_markdown(rows) + "\n")
     made_png = chart(rows, stem + ".png", title)
     print(f"\nwrote {stem}.json, {stem}.md" + (f", {stem}.png" if made_png else ""))

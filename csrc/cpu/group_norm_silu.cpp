@@ -454,9 +454,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward(
              c.dx.mutable_data_ptr<scalar_t>(), dsc.mutable_data_ptr<double>(), dbs.mutable_data_ptr<double>(), s);
     });
   });
-  // dweight_c = sum_n rstd[n, g(c)] * dsc[n, c];  dbias_c = sum_n dbs[n, c]
-  const at::Tensor r = c.rstd.to(at::kDouble).repeat_interleave(s.D, 1);
-  return {c.dx, (dsc * r).sum(0).to(c.weight_grad_dtype), dbs.sum(0).to(c.bias_grad_dtype)};
+  // dweight_c = sum_n rstd[n, g(c)] * dsc[n, c];  dbias_c = sum_n dbs[n, c]  ([N, C]: a plain loop)
+  at::Tensor dw = at::empty({s.C}, opts.dtype(at::kFloat)), db = at::empty({s.C}, opts.dtype(at::kFloat));
+  const double *pdsc = dsc.const_data_ptr<double>(), *pdbs = dbs.const_data_ptr<double>();
+  const float* prstd = c.rstd.const_data_ptr<float>();
+  for (int64_t ch = 0; ch < s.C; ++ch) {
+    double gw = 0, gb = 0;
+    for (int64_t n = 0; n < s.N; ++n) {
+      gw += prstd[n * s.G + ch / s.D] * pdsc[n * s.C + ch];
+      gb += pdbs[n * s.C + ch];
+    }
+    dw.mutable_data_ptr<float>()[ch] = static_cast<float>(gw);
+    db.mutable_data_ptr<float>()[ch] = static_cast<float>(gb);
+  }
+  return {c.dx, dw.to(c.weight_grad_dtype), db.to(c.bias_grad_dtype)};
 }
 
 }  // namespace
