@@ -9,7 +9,7 @@ DEV_DEPS    := ninja numpy pytest pytest-benchmark expecttest tqdm matplotlib
 SOURCES     := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 export MAX_JOBS ?= 2
 
-.PHONY: test bench build venv clean
+.PHONY: test bench build venv clean gpu-check
 
 test: build
 	$(PY) -m pytest tests -q -ra
@@ -33,6 +33,11 @@ $(VENV)/.deps: Makefile pyproject.toml
 genkern/_C.so: $(VENV)/.deps $(SOURCES)
 	$(PIP) install -q -e . --no-build-isolation --no-deps
 	@test -f $@ && touch $@
+
+# On a GPU machine with torch preinstalled (no venv, no registry): build, test, benchmark into $(OUT).
+OUT ?= gpu_check_out
+gpu-check:
+	bash scripts/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf build *.egg-info genkern/_C*.so genkern/_build_info.json

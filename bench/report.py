@@ -128,7 +128,8 @@ def chart(rows, path, title):
         ax.bar([i + k * width for i in range(len(cases))], vals, width, label=impl)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(cases))])
-    ax.set_xticklabels(["\n".join([c[0], c[1], c[2] + " " + c[3], c[4]]) for c in cases], fontsize=7)
+    ax.set_xticklabels(["\n".join([c[0], c[1], c[2] + " " + c[3], c[4]]) for c in cases], fontsize=7,
+                       rotation=25, ha="right")
     ax.set_ylabel("speedup vs eager PyTorch")
     ax.set_title(title, fontsize=9)
     ax.legend()
