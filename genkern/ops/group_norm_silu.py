@@ -54,6 +54,11 @@ def _check_args(x, num_groups, weight, bias, eps) -> None:
         raise ValueError(f"group_norm_silu: eps must be a finite number >= 0, got {eps!r}")
 
 
+def _check_kernel_dtype(x) -> None:
+    if x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"group_norm_silu: x must be float32, float16 or bfloat16 for the kernels, got {x.dtype}")
+
+
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                     bias: Optional[torch.Tensor] = None, eps: float = 1e-5,
                     activation: Optional[str] = "silu") -> torch.Tensor:
@@ -135,8 +140,10 @@ def _register(forward_name: str, backward_name: str) -> None:
 def _group_norm_silu_triton(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                             num_groups: int, eps: float, activation: str
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_args(x, num_groups, weight, bias, eps)  # for direct torch.ops callers, as the C++ ops do
+    _check_kernel_dtype(x)
     from ..triton import group_norm_silu as kernels
-    return kernels.forward(x, weight, bias, num_groups, eps, activation)
+    return kernels.forward(x, weight, bias, num_groups, eps, _activation_name(activation))
 
 
 @torch.library.custom_op("genkern::group_norm_silu_triton_backward", mutates_args=())
@@ -144,8 +151,17 @@ def _group_norm_silu_triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weig
                                      bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                                      num_groups: int, activation: str
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_args(x, num_groups, weight, bias, 0.0)
+    _check_kernel_dtype(x)
+    if grad_y.shape != x.shape or grad_y.dtype != x.dtype:
+        raise ValueError(f"group_norm_silu_backward: grad_y must match x in shape and dtype, got "
+                         f"{tuple(grad_y.shape)} {grad_y.dtype} vs {tuple(x.shape)} {x.dtype}")
+    for t in (mean, rstd):
+        if t.dtype != torch.float32 or t.numel() != x.shape[0] * num_groups:
+            raise ValueError(f"group_norm_silu_backward: mean and rstd must be float32 with "
+                             f"N*num_groups={x.shape[0] * num_groups} elements, got {t.dtype} with {t.numel()}")
     from ..triton import group_norm_silu as kernels
-    return kernels.backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation)
+    return kernels.backward(grad_y, x, weight, bias, mean, rstd, num_groups, _activation_name(activation))
 
 
 _register("genkern::group_norm_silu_triton", "genkern::group_norm_silu_triton_backward")
