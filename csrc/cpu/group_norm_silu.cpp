@@ -221,16 +221,18 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean,
     const int64_t g = ng % s.G;
     const float pivot = static_cast<float>(xg[0]);
     const int64_t K = slices_per_row(split, s.D, s.HW), L = (s.HW + K - 1) / K;
-    std::vector<double> part(2 * s.D * K, 0.0);
-    maybe_parallel(split, s.D * K, [&](int64_t t0, int64_t t1) {
+    // The statistics ignore channel boundaries: the group is one contiguous run of M values, cut
+    // into as many equal slices as there are tasks (one when a thread owns the whole group).
+    const int64_t tasks = split ? s.D * K : 1, LM = (M + tasks - 1) / tasks;
+    std::vector<double> part(2 * tasks, 0.0);
+    maybe_parallel(split, tasks, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L);
-        if (lo >= hi) continue;
-        std::tie(part[2 * t], part[2 * t + 1]) = shifted_sums(xg + d * s.HW + lo, hi - lo, pivot);
+        const int64_t lo = t * LM, hi = std::min(M, lo + LM);
+        if (lo < hi) std::tie(part[2 * t], part[2 * t + 1]) = shifted_sums(xg + lo, hi - lo, pivot);
       }
     });
     double s1 = 0, s2 = 0;
-    for (int64_t t = 0; t < s.D * K; ++t) s1 += part[2 * t], s2 += part[2 * t + 1];
+    for (int64_t t = 0; t < tasks; ++t) s1 += part[2 * t], s2 += part[2 * t + 1];
     float mu, r;
     mean_rstd(s1, s2, static_cast<double>(M), pivot, eps, mu, r);
     mean[ng] = mu;
