@@ -22,7 +22,7 @@ def _tile(base, p0, d0, HW, D, sP, sC, BLOCK_P: tl.constexpr, BLOCK_D: tl.conste
     d = d0 + tl.arange(0, BLOCK_D)
     mask = (p[:, None] < HW) & (d[None, :] < D)
     offs = base + p[:, None].to(tl.int64) * sP + d[None, :].to(tl.int64) * sC
-    return offs, mask, d
+    return offs, mask
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _stats(x_ptr, part_ptr, HW, C, D, G, n_chunks, chunk_p, sN, sP, sC,
     s2 = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
     for p0 in range(p_lo, p_hi, BLOCK_P):
         for d0 in range(0, D, BLOCK_D):
-            offs, mask, _ = _tile(base, p0, d0, p_hi, D, sP, sC, BLOCK_P, BLOCK_D)
+            offs, mask = _tile(base, p0, d0, p_hi, D, sP, sC, BLOCK_P, BLOCK_D)
             v = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - pivot, 0.0)
             s1 += v
             s2 += v * v
@@ -96,7 +96,7 @@ def _apply(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, mean_ptr, rstd_ptr, HW, C, D, G
     for d0 in range(0, D, BLOCK_D):
         c, dm, a, b = _channel_affine(w_ptr, b_ptr, g, d0, D, rstd, HAS_W, HAS_B, BLOCK_D)
         for p0 in range(p_lo, p_hi, BLOCK_P):
-            offs, mask, _ = _tile(base, p0, d0, p_hi, D, sP, sC, BLOCK_P, BLOCK_D)
+            offs, mask = _tile(base, p0, d0, p_hi, D, sP, sC, BLOCK_P, BLOCK_D)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             y = activation((x - mean) * a[None, :] + b[None, :], ACT)
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -115,7 +115,7 @@ def _grad_sums(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, HW, C,
         acc_sc = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
         acc_b = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
         for p0 in range(p_lo, p_hi, BLOCK_P):
-            offs, mask, _ = _tile(base, p0, d0, p_hi, D, sP, sC, BLOCK_P, BLOCK_D)
+            offs, mask = _tile(base, p0, d0, p_hi, D, sP, sC, BLOCK_P, BLOCK_D)
             xc = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             du = tl.where(mask, dy * activation_grad(xc * a[None, :] + b[None, :], ACT), 0.0)
@@ -141,7 +141,7 @@ def _grad_apply(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, coef_pt
         k2 = tl.load(cp + 1, mask=dm, other=0.0)
         k3 = tl.load(cp + 2, mask=dm, other=0.0)
         for p0 in range(p_lo, p_hi, BLOCK_P):
-            offs, mask, _ = _tile(base, p0, d0, p_hi, D, sP, sC, BLOCK_P, BLOCK_D)
+            offs, mask = _tile(base, p0, d0, p_hi, D, sP, sC, BLOCK_P, BLOCK_D)
             xc = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             du = dy * activation_grad(xc * a[None, :] + b[None, :], ACT)
