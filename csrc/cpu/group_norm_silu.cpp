@@ -80,19 +80,6 @@ inline void shifted_sums_lanes(const T* x, int64_t C, const float* pivot, float*
 template <typename T, Activation A, typename P>
 inline void affine_act(const T* x, T* y, int64_t n, P mu, P a, P b) {
   int64_t i = 0;
-  // Four independent vectors per iteration: the activation is a long dependency chain, and the
-  // out-of-order window alone does not overlap enough of them.
-  for (; i + 2 * VecIO<T>::kStep <= n; i += 2 * VecIO<T>::kStep) {
-    Vec v[4];
-    VecIO<T>::load(x + i, v[0], v[1]);
-    VecIO<T>::load(x + i + VecIO<T>::kStep, v[2], v[3]);
-    for (int h = 0; h < 4; ++h) {
-      const int64_t j = i + h * kVec;
-      v[h] = ActVec<A>::f(at::vec::fmadd(v[h] - mu.vec(j), a.vec(j), b.vec(j)));
-    }
-    VecIO<T>::store(y + i, v[0], v[1]);
-    VecIO<T>::store(y + i + VecIO<T>::kStep, v[2], v[3]);
-  }
   for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
     Vec va, vb;
     VecIO<T>::load(x + i, va, vb);

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _extension
+from .._layout import is_channels_last_dense
 from .. import reference as _reference
 
 _ACTIVATIONS = ("silu", "gelu", "none")
@@ -91,8 +92,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
 def _kernel_layout_empty(x):
     """An empty tensor laid out as the kernels write their outputs: like x when x is dense NCHW or
     channels-last, else NCHW-contiguous (csrc/group_norm_silu.h: to_kernel_layout)."""
-    perm = [0] + list(range(2, x.dim())) + [1]
-    if x.is_contiguous() or (x.dim() > 2 and x.permute(perm).is_contiguous()):
+    if x.is_contiguous() or is_channels_last_dense(x):
         return torch.empty_like(x)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._layout import is_channels_last_dense
 from ._common import ACTIVATION_CODES, activation, activation_grad, next_pow2
 
 
@@ -156,8 +157,7 @@ def _layout(x: torch.Tensor):
     """(x, N, C, HW, sN, sP, sC) with x dense as NCHW or channels-last (copied if neither)."""
     N, C = x.shape[:2]
     HW = x.numel() // max(N * C, 1)
-    perm = [0] + list(range(2, x.dim())) + [1]
-    if not x.is_contiguous() and x.dim() > 2 and x.permute(perm).is_contiguous():
+    if is_channels_last_dense(x):
         return x, N, C, HW, HW * C, C, 1
     x = x.contiguous()  # dense already, or a strided view: copied to NCHW (as the C++ kernels do)
     return x, N, C, HW, C * HW, 1, HW
