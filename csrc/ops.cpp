@@ -19,4 +19,16 @@ TORCH_LIBRARY(genkern, m) {
   // weight/bias are None (then they are ignored by autograd).
   m.def("group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, "
         "Tensor mean, Tensor rstd, int num_groups, str activation) -> (Tensor, Tensor, Tensor)");
+  // One reverse-diffusion update x_t -> x_{t-1} (DDPM or DDIM; csrc/ddpm_step.h has the maths). The
+  // per-step scalars come from the host (genkern/ops/ddpm_step.py: step_coefficients). guidance_scale
+  // set: model_output is [2B, ...] = (unconditional, conditional). Noise: the tensor `noise`, or the
+  // Philox stream (seed, offset) generated in the kernel, or none. mask/known: inpainting.
+  m.def("ddpm_step(Tensor model_output, Tensor sample, Tensor? noise, Tensor? mask, Tensor? known, "
+        "str prediction_type, float sqrt_alpha_prod, float sqrt_one_minus_alpha_prod, float? clip_range, "
+        "bool recompute_eps, float coef_x0, float coef_eps, float coef_sample, float sigma, "
+        "float known_coef, float known_noise_coef, float? guidance_scale, int? seed, int offset) -> Tensor");
+  // The forward process q(x_t | x_0): sqrt_alpha_prod[b] * original + sqrt_one_minus_alpha_prod[b] * noise
+  // with float32 per-sample coefficients of shape [N].
+  m.def("add_noise(Tensor original_samples, Tensor noise, Tensor sqrt_alpha_prod, "
+        "Tensor sqrt_one_minus_alpha_prod) -> Tensor");
 }

@@ -3,14 +3,16 @@
     import genkern
     y = genkern.group_norm_silu(x, num_groups=32, weight=w, bias=b)   # act(GroupNorm(x)), fused
     layer = genkern.nn.GroupNormSiLU(32, 256)                          # drop-in for GroupNorm + SiLU
+    x = genkern.diffusion.DDIMScheduler().step(eps, t, x, seed=0)     # fused sampling step, in-kernel noise
     genkern.backends()                                                 # what can run here
     with genkern.use_backend("triton"): ...                            # force an implementation
 """
 from . import _extension  # noqa: F401  (loads genkern._C or warns once)
 from ._backend import backends, current_backend, use_backend
-from .ops import group_norm_silu
-from . import nn, reference
+from .ops import add_noise, ddpm_step, group_norm_silu
+from . import diffusion, nn, reference
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "current_backend", "use_backend", "group_norm_silu", "nn", "reference", "__version__"]
+__all__ = ["backends", "current_backend", "use_backend", "add_noise", "ddpm_step", "group_norm_silu", "diffusion",
+           "nn", "reference", "__version__"]
