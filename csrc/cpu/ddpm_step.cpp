@@ -2,8 +2,10 @@
 // checks in csrc/ddpm_step.h; the noise stream in csrc/philox.h.
 // Work is split into blocks of kBlock elements (a multiple of 4, so a block starts on a Philox
 // group): per block the normals are drawn into a small stack buffer (Philox in plain integer code
-// that the compiler vectorises, Box-Muller with at::vec's log/sin/cos), then the update runs over
+// that the compiler vectorises, Box-Muller with polynomial log and sincos), then the update runs over
 // the block with the buffer hot in L1. No noise tensor is ever written.
+#include <cstring>
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,36 +24,144 @@ namespace genkern::cpu {
 namespace {
 
 constexpr int64_t kBlock = 1024;
-constexpr int64_t kGroups = kBlock / 4;
-static_assert(kGroups % kVec == 0, "Box-Muller runs on whole vectors of groups");
+
+// log(u) for u in (0, 1), within 1 ulp: u = 2^e m with m in [sqrt(1/2), sqrt(2)), log m by the
+// Cephes logf polynomial in f = m - 1, e ln 2 added in two parts. Plain code on purpose: it sits in
+// loops over arrays that the compiler vectorises (at::vec's Sleef log costs twice as much here).
+inline float log_unit(float u) {
+  uint32_t b;
+  std::memcpy(&b, &u, 4);
+  // Subtracting the bits of sqrt(1/2) moves the exponent boundary there: no branch, so it vectorises.
+  const uint32_t ix = b - 0x3F3504F3u;
+  const float e = static_cast<float>(static_cast<int32_t>(ix) >> 23);
+  const uint32_t mb = (ix & 0x007FFFFFu) + 0x3F3504F3u;
+  float m;
+  std::memcpy(&m, &mb, 4);
+  const float f = m - 1.0f, z = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const float y = f * z * p - 0.5f * z + e * -2.12194440e-4f;
+  return f + y + e * 0.693359375f;
+}
+
+// (sin, cos)(2 pi u) for u in [0, 1): 4u = q + r exactly (q the nearest integer, |r| <= 1/2), the
+// angle r pi/2 in [-pi/4, pi/4] by the Cephes sinf/cosf polynomials, then the quadrant q.
+inline void sincos_2pi(float u, float& sn, float& cs) {
+  const float v = 4.0f * u;
+  const float q = (v + 12582912.0f) - 12582912.0f;  // 1.5 * 2^23: rounds to the nearest integer
+  const float a = (v - q) * 1.5707963267948966f, a2 = a * a;
+  const float s = a + a * a2 * ((-1.9515295891e-4f * a2 + 8.3321608736e-3f) * a2 - 1.6666654611e-1f);
+  const float c = 1.0f - 0.5f * a2 +
+                  a2 * a2 * ((2.443315711809948e-5f * a2 - 1.388731625493765e-3f) * a2 + 4.166664568298827e-2f);
+  const int32_t qi = static_cast<int32_t>(q);
+  const float s_q = (qi & 1) ? c : s, c_q = (qi & 1) ? s : c;
+  sn = (qi & 2) ? -s_q : s_q;
+  cs = ((qi + 1) & 2) ? -c_q : c_q;
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+// log_unit and sincos_2pi on 8 lanes: the same operations, in the same order, as the scalar versions.
+inline __m256 log_unit_v(__m256 u) {
+  const __m256i off = _mm256_set1_epi32(0x3F3504F3);
+  const __m256i ix = _mm256_sub_epi32(_mm256_castps_si256(u), off);
+  const __m256 e = _mm256_cvtepi32_ps(_mm256_srai_epi32(ix, 23));
+  const __m256 m = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_and_si256(ix, _mm256_set1_epi32(0x007FFFFF)), off));
+  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f)), z = _mm256_mul_ps(f, f);
+  __m256 p = _mm256_set1_ps(7.0376836292e-2f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.1514610310e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.1676998740e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.2420140846e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.4249322787e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.6668057665e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.0000714765e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-2.4999993993e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(3.3333331174e-1f));
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(f, z), p);
+  y = _mm256_fmadd_ps(_mm256_set1_ps(-0.5f), z, y);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+}
+
+inline void sincos_2pi_v(__m256 u, __m256& sn, __m256& cs) {
+  const __m256 v = _mm256_mul_ps(_mm256_set1_ps(4.0f), u);
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 qm = _mm256_add_ps(v, magic);  // q in the low mantissa bits
+  const __m256 a = _mm256_mul_ps(_mm256_sub_ps(v, _mm256_sub_ps(qm, magic)), _mm256_set1_ps(1.5707963267948966f));
+  const __m256 a2 = _mm256_mul_ps(a, a);
+  __m256 ps = _mm256_fmadd_ps(_mm256_set1_ps(-1.9515295891e-4f), a2, _mm256_set1_ps(8.3321608736e-3f));
+  ps = _mm256_fmadd_ps(ps, a2, _mm256_set1_ps(-1.6666654611e-1f));
+  const __m256 s = _mm256_fmadd_ps(_mm256_mul_ps(a, a2), ps, a);
+  __m256 pc = _mm256_fmadd_ps(_mm256_set1_ps(2.443315711809948e-5f), a2, _mm256_set1_ps(-1.388731625493765e-3f));
+  pc = _mm256_fmadd_ps(pc, a2, _mm256_set1_ps(4.166664568298827e-2f));
+  const __m256 c = _mm256_fmadd_ps(_mm256_mul_ps(a2, a2), pc, _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), a2, _mm256_set1_ps(1.0f)));
+  const __m256i q = _mm256_castps_si256(qm);
+  // bit 0 of q: swap sin and cos; bit 1: negate sin; bit 1 of q + 1: negate cos (sign bits moved to bit 31)
+  const __m256 odd = _mm256_castsi256_ps(_mm256_slli_epi32(q, 31));
+  const __m256 s_q = _mm256_blendv_ps(s, c, odd), c_q = _mm256_blendv_ps(c, s, odd);
+  const __m256 sign_s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(q, 1), 31));
+  const __m256 sign_c = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_srli_epi32(_mm256_add_epi32(q, _mm256_set1_epi32(1)), 1), 31));
+  sn = _mm256_xor_ps(s_q, sign_s);
+  cs = _mm256_xor_ps(c_q, sign_c);
+}
+
+// Box-Muller on lanes (u0, u1, u2, u3) of 8 groups, stored as their 32 normals in element order.
+inline void box_muller_x8(__m256 u0, __m256 u1, __m256 u2, __m256 u3, float* z) {
+  const __m256 m2 = _mm256_set1_ps(-2.0f);
+  const __m256 r01 = _mm256_sqrt_ps(_mm256_mul_ps(m2, log_unit_v(u0)));
+  const __m256 r23 = _mm256_sqrt_ps(_mm256_mul_ps(m2, log_unit_v(u2)));
+  __m256 s01, c01, s23, c23;
+  sincos_2pi_v(u1, s01, c01);
+  sincos_2pi_v(u3, s23, c23);
+  const __m256 z0 = _mm256_mul_ps(r01, c01), z1 = _mm256_mul_ps(r01, s01);
+  const __m256 z2 = _mm256_mul_ps(r23, c23), z3 = _mm256_mul_ps(r23, s23);
+  // 4 x 8 transpose: lane k of group j goes to z[4 j + k]
+  const __m256 t0 = _mm256_unpacklo_ps(z0, z1), t1 = _mm256_unpackhi_ps(z0, z1);
+  const __m256 t2 = _mm256_unpacklo_ps(z2, z3), t3 = _mm256_unpackhi_ps(z2, z3);
+  const __m256 q0 = _mm256_shuffle_ps(t0, t2, 0x44), q1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 q2 = _mm256_shuffle_ps(t1, t3, 0x44), q3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  _mm256_storeu_ps(z, _mm256_permute2f128_ps(q0, q1, 0x20));
+  _mm256_storeu_ps(z + 8, _mm256_permute2f128_ps(q2, q3, 0x20));
+  _mm256_storeu_ps(z + 16, _mm256_permute2f128_ps(q0, q1, 0x31));
+  _mm256_storeu_ps(z + 24, _mm256_permute2f128_ps(q2, q3, 0x31));
+}
+#endif
 
 // z[0 .. 4 * groups) = the normals of Philox groups g0 .. g0 + groups of the stream (seed, offset).
 void philox_normal_block(uint64_t seed, uint64_t offset, uint64_t g0, int64_t groups, float* z) {
-  alignas(64) float u[4][kGroups];
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const uint32_t c2 = static_cast<uint32_t>(offset), c3 = static_cast<uint32_t>(offset >> 32);
-  const int64_t padded = (groups + kVec - 1) / kVec * kVec;
-  for (int64_t j = 0; j < padded; ++j) {  // straight-line integer code: vectorised by the compiler
-    const uint64_t g = g0 + j;
-    uint32_t r0 = static_cast<uint32_t>(g), r1 = static_cast<uint32_t>(g >> 32), r2 = c2, r3 = c3;
-    philox4x32_10(r0, r1, r2, r3, k0, k1);
-    u[0][j] = philox_uniform(r0);
-    u[1][j] = philox_uniform(r1);
-    u[2][j] = philox_uniform(r2);
-    u[3][j] = philox_uniform(r3);
-  }
-  alignas(64) float zl[4][kGroups];
-  const Vec minus_two(-2.0f), two_pi(6.283185307179586f);
-  for (int64_t j = 0; j < padded; j += kVec) {
-    for (int k = 0; k < 4; k += 2) {
-      const Vec radius = (minus_two * Vec::loadu(&u[k][j]).log()).sqrt();
-      const Vec theta = two_pi * Vec::loadu(&u[k + 1][j]);
-      (radius * theta.cos()).store(&zl[k][j]);
-      (radius * theta.sin()).store(&zl[k + 1][j]);
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  if (groups >= 16) {
+    const PhiloxKeysX8 keys(seed);
+    for (; j + 16 <= groups; j += 16) {
+      __m256 u[8];
+      philox_uniform4_x16(keys, offset, g0 + j, u);
+      box_muller_x8(u[0], u[1], u[2], u[3], z + 4 * j);
+      box_muller_x8(u[4], u[5], u[6], u[7], z + 4 * j + 32);
     }
   }
-  for (int64_t j = 0; j < groups; ++j)
-    for (int k = 0; k < 4; ++k) z[4 * j + k] = zl[k][j];
+#endif
+  for (; j < groups; ++j) {  // the scalar path: the same maths one group at a time
+    uint32_t r0 = static_cast<uint32_t>(g0 + j), r1 = static_cast<uint32_t>((g0 + j) >> 32);
+    uint32_t r2 = static_cast<uint32_t>(offset), r3 = static_cast<uint32_t>(offset >> 32);
+    philox4x32_10(r0, r1, r2, r3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    const float rad01 = std::sqrt(-2.0f * log_unit(philox_uniform(r0)));
+    const float rad23 = std::sqrt(-2.0f * log_unit(philox_uniform(r2)));
+    float s01, c01, s23, c23;
+    sincos_2pi(philox_uniform(r1), s01, c01);
+    sincos_2pi(philox_uniform(r3), s23, c23);
+    z[4 * j] = rad01 * c01;
+    z[4 * j + 1] = rad01 * s01;
+    z[4 * j + 2] = rad23 * c23;
+    z[4 * j + 3] = rad23 * s23;
+  }
 }
 
 template <typename T>
