@@ -15,10 +15,10 @@ import torch
 
 import genkern
 
-from . import bench_group_norm_silu
+from . import bench_ddpm_step, bench_group_norm_silu
 from .harness import copy_bandwidth, device_name, nbytes, saved_bytes, steady_cpu_allocator, time_interleaved
 
-OPS = {"group_norm_silu": bench_group_norm_silu}
+OPS = {"group_norm_silu": bench_group_norm_silu, "ddpm_step": bench_ddpm_step}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -44,7 +44,8 @@ def _fmt_shape(shape):
 
 
 def run(ops, device, quick, with_compile, budget_s):
-    plan = [(op, case, backward) for op in ops for case in OPS[op].cases(quick, device) for backward in (False, True)]
+    plan = [(op, case, backward) for op in ops for case in OPS[op].cases(quick, device)
+            for backward in getattr(OPS[op], "PASSES", (False, True))]
     bar = _progress(len(plan))
     rows = []
     impls = {op: OPS[op].implementations(device, with_compile) for op in ops}
@@ -56,12 +57,13 @@ def run(ops, device, quick, with_compile, budget_s):
         times = time_interleaved(fns, device, budget_s=budget_s)
         copy_bw = copy_bandwidth(nbytes(tensors[0]), device)
         eager_t, compile_t = times["eager"], times.get("torch.compile")
+        # saved-for-backward bytes only mean something for ops with a backward pass
         for name, t in times.items():
             saved = None
             if backward and name != "torch.compile":
                 saved = saved_bytes(fns[name])
             rows.append(dict(
-                op=op, shape=_fmt_shape(case["shape"]), groups=case.get("G"),
+                op=op + (" cfg" if case.get("cfg") else ""), shape=_fmt_shape(case["shape"]), groups=case.get("G"),
                 layout="channels_last" if case.get("channels_last") else "nchw",
                 dtype=str(case["dtype"]).replace("torch.", ""), pass_="fwd+bwd" if backward else "fwd",
                 impl=name, ms=t * 1e3, gbps=traffic / t / 1e9, copy_gbps=copy_bw / 1e9,

@@ -137,6 +137,7 @@ inline void philox_uniform4_x16(const PhiloxKeysX8& keys, uint64_t offset, uint6
   const __m256i o_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
   const __m256i o_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
   __m256i a2 = o_lo, a3 = o_hi, b2 = o_lo, b3 = o_hi;
+#pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
     philox_round_x8(a0, a1, a2, a3, keys.k0[round], keys.k1[round]);
     philox_round_x8(b0, b1, b2, b3, keys.k0[round], keys.k1[round]);

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/parallel.h"
 #include "cpu/vec.h"
 #include "ddpm_step.h"
 #include "dispatch.h"
@@ -25,6 +26,11 @@ namespace {
 
 constexpr int64_t kBlock = 1024;
 
+// Cephes logf: log(1 + f) = f - f^2/2 + f^3 P(f) on [sqrt(1/2) - 1, sqrt(2) - 1], P = sum kLogC[k] f^k.
+constexpr float kLogC[9] = {3.3333331174e-1f,  -2.4999993993e-1f, 2.0000714765e-1f,
+                            -1.6668057665e-1f, 1.4249322787e-1f,  -1.2420140846e-1f,
+                            1.1676998740e-1f,  -1.1514610310e-1f, 7.0376836292e-2f};
+
 // log(u) for u in (0, 1), within 1 ulp: u = 2^e m with m in [sqrt(1/2), sqrt(2)), log m by the
 // Cephes logf polynomial in f = m - 1, e ln 2 added in two parts. Plain code on purpose: it sits in
 // loops over arrays that the compiler vectorises (at::vec's Sleef log costs twice as much here).
@@ -38,15 +44,11 @@ inline float log_unit(float u) {
   float m;
   std::memcpy(&m, &mb, 4);
   const float f = m - 1.0f, z = f * f;
-  float p = 7.0376836292e-2f;
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
+  // P(f) = sum c_k f^k by Estrin's scheme: short dependency chains for the vectorised loops
+  const float f4 = z * z, f8 = f4 * f4;
+  const float e03 = (kLogC[2] + kLogC[3] * f) * z + (kLogC[0] + kLogC[1] * f);
+  const float e47 = (kLogC[6] + kLogC[7] * f) * z + (kLogC[4] + kLogC[5] * f);
+  const float p = kLogC[8] * f8 + (e47 * f4 + e03);
   const float y = f * z * p - 0.5f * z + e * -2.12194440e-4f;
   return f + y + e * 0.693359375f;
 }
@@ -74,15 +76,12 @@ inline __m256 log_unit_v(__m256 u) {
   const __m256 e = _mm256_cvtepi32_ps(_mm256_srai_epi32(ix, 23));
   const __m256 m = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_and_si256(ix, _mm256_set1_epi32(0x007FFFFF)), off));
   const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f)), z = _mm256_mul_ps(f, f);
-  __m256 p = _mm256_set1_ps(7.0376836292e-2f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.1514610310e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.1676998740e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.2420140846e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.4249322787e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.6668057665e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.0000714765e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-2.4999993993e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(3.3333331174e-1f));
+  // P(f) by Estrin's scheme (as log_unit): a third of Horner's dependency chain
+  auto lin = [&](float a, float b) { return _mm256_fmadd_ps(_mm256_set1_ps(b), f, _mm256_set1_ps(a)); };
+  const __m256 f4 = _mm256_mul_ps(z, z), f8 = _mm256_mul_ps(f4, f4);
+  const __m256 e03 = _mm256_fmadd_ps(lin(kLogC[2], kLogC[3]), z, lin(kLogC[0], kLogC[1]));
+  const __m256 e47 = _mm256_fmadd_ps(lin(kLogC[6], kLogC[7]), z, lin(kLogC[4], kLogC[5]));
+  const __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kLogC[8]), f8, _mm256_fmadd_ps(e47, f4, e03));
   __m256 y = _mm256_mul_ps(_mm256_mul_ps(f, z), p);
   y = _mm256_fmadd_ps(_mm256_set1_ps(-0.5f), z, y);
   y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
@@ -236,13 +235,11 @@ at::Tensor ddpm_step_cpu(const at::Tensor& model_output, const at::Tensor& sampl
     p.out = call.out.mutable_data_ptr<scalar_t>();
     const auto& c = call.coefs;
     const int64_t blocks = (n + kBlock - 1) / kBlock;
-    at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    parallel_blocks(blocks, 16, [&](int64_t b) {
       alignas(64) float zbuf[kBlock];
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t begin = b * kBlock, end = std::min(n, begin + kBlock);
-        if (call.philox) philox_normal_block(call.seed, call.offset, begin / 4, (end - begin + 3) / 4, zbuf);
-        ddpm_step_block(c, p, call.philox ? zbuf : nullptr, begin, end);
-      }
+      const int64_t begin = b * kBlock, end = std::min(n, begin + kBlock);
+      if (call.philox) philox_normal_block(call.seed, call.offset, begin / 4, (end - begin + 3) / 4, zbuf);
+      ddpm_step_block(c, p, call.philox ? zbuf : nullptr, begin, end);
     });
   });
   return call.out;
