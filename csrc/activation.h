@@ -7,11 +7,7 @@
 
 #include <c10/util/Exception.h>
 
-#if defined(__CUDACC__)
-#define GENKERN_HD __host__ __device__ __forceinline__
-#else
-#define GENKERN_HD inline
-#endif
+#include "host_device.h"
 
 namespace genkern {
 

@@ -161,8 +161,12 @@ inline DdpmStepCall prepare_ddpm_step(
   return call;
 }
 
-inline void check_add_noise(const at::Tensor& original, const at::Tensor& noise, const at::Tensor& sa,
-                            const at::Tensor& s1) {
+struct AddNoiseCall {
+  at::Tensor original, noise, sa, s1, out;  // operands in the kernel layout, float32 coefficients
+};
+
+inline AddNoiseCall prepare_add_noise(const at::Tensor& original, const at::Tensor& noise, const at::Tensor& sa,
+                                      const at::Tensor& s1) {
   const auto st = original.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
                    "add_noise: original_samples must be float32, float16 or bfloat16, got ", st);
@@ -177,6 +181,9 @@ inline void check_add_noise(const at::Tensor& original, const at::Tensor& noise,
                       "add_noise: sqrt_alpha_prod and sqrt_one_minus_alpha_prod must be float32 of shape [",
                       original.size(0), "] on ", original.device(), ", got ", t->scalar_type(), " ", t->sizes(),
                       " on ", t->device());
+  const auto strides = ddpm_kernel_strides(original);
+  return {to_strides(original, strides), to_strides(noise, strides), sa.contiguous(), s1.contiguous(),
+          at::empty_strided(original.sizes(), strides, original.options())};
 }
 
 }  // namespace genkern

@@ -17,11 +17,7 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__CUDACC__)
-#define GENKERN_HD __host__ __device__ __forceinline__
-#else
-#define GENKERN_HD inline
-#endif
+#include "host_device.h"
 
 namespace genkern {
 
@@ -30,7 +26,7 @@ constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 
 // Ten rounds of Philox4x32 on counter c with key (k0, k1); the result replaces c.
 GENKERN_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
-#pragma unroll
+GENKERN_UNROLL
   for (int round = 0; round < 10; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
     const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
@@ -65,7 +61,7 @@ GENKERN_HD void philox_uniform4(uint64_t seed, uint64_t offset, uint64_t g, floa
 GENKERN_HD void philox_normal4(uint64_t seed, uint64_t offset, uint64_t g, float z[4]) {
   float u[4];
   philox_uniform4(seed, offset, g, u);
-#pragma unroll
+GENKERN_UNROLL
   for (int k = 0; k < 4; k += 2) {
     float s, c;
 #if defined(__CUDA_ARCH__)
@@ -137,7 +133,6 @@ inline void philox_uniform4_x16(const PhiloxKeysX8& keys, uint64_t offset, uint6
   const __m256i o_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
   const __m256i o_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
   __m256i a2 = o_lo, a3 = o_hi, b2 = o_lo, b3 = o_hi;
-#pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
     philox_round_x8(a0, a1, a2, a3, keys.k0[round], keys.k1[round]);
     philox_round_x8(b0, b1, b2, b3, keys.k0[round], keys.k1[round]);

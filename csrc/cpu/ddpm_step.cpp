@@ -248,14 +248,12 @@ at::Tensor ddpm_step_cpu(const at::Tensor& model_output, const at::Tensor& sampl
 // x_t = sqrt(alpha_bar[t_b]) x0 + sqrt(1 - alpha_bar[t_b]) noise, per-sample coefficients.
 at::Tensor add_noise_cpu(const at::Tensor& original, const at::Tensor& noise, const at::Tensor& sqrt_alpha_prod,
                          const at::Tensor& sqrt_one_minus_alpha_prod) {
-  check_add_noise(original, noise, sqrt_alpha_prod, sqrt_one_minus_alpha_prod);
-  const auto strides = ddpm_kernel_strides(original);
-  const auto x0 = to_strides(original, strides), z = to_strides(noise, strides);
-  auto out = at::empty_strided(original.sizes(), strides, original.options());
+  auto call = prepare_add_noise(original, noise, sqrt_alpha_prod, sqrt_one_minus_alpha_prod);
+  const auto &x0 = call.original, &z = call.noise, &sa = call.sa, &s1 = call.s1;
+  auto& out = call.out;
   const int64_t n = x0.numel();
   if (n == 0) return out;
   const int64_t per_sample = n / x0.size(0);
-  const auto sa = sqrt_alpha_prod.contiguous(), s1 = sqrt_one_minus_alpha_prod.contiguous();
   GENKERN_DISPATCH_FLOAT_TYPES(x0.scalar_type(), "add_noise_cpu", [&] {
     using IO = VecIO<scalar_t>;
     const scalar_t *px = x0.const_data_ptr<scalar_t>(), *pz = z.const_data_ptr<scalar_t>();

@@ -91,13 +91,11 @@ at::Tensor ddpm_step_cuda(const at::Tensor& model_output, const at::Tensor& samp
 at::Tensor add_noise_cuda(const at::Tensor& original, const at::Tensor& noise, const at::Tensor& sqrt_alpha_prod,
                           const at::Tensor& sqrt_one_minus_alpha_prod) {
   const c10::cuda::CUDAGuard guard(original.device());
-  check_add_noise(original, noise, sqrt_alpha_prod, sqrt_one_minus_alpha_prod);
-  const auto strides = ddpm_kernel_strides(original);
-  const auto x0 = to_strides(original, strides), z = to_strides(noise, strides);
-  auto out = at::empty_strided(original.sizes(), strides, original.options());
+  auto call = prepare_add_noise(original, noise, sqrt_alpha_prod, sqrt_one_minus_alpha_prod);
+  const auto &x0 = call.original, &z = call.noise, &sa = call.sa, &s1 = call.s1;
+  auto& out = call.out;
   const int64_t n = x0.numel();
   if (n == 0) return out;
-  const auto sa = sqrt_alpha_prod.contiguous(), s1 = sqrt_one_minus_alpha_prod.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   GENKERN_DISPATCH_FLOAT_TYPES(x0.scalar_type(), "add_noise_cuda", [&] {
     add_noise_kernel<scalar_t><<<grid_for(n), kThreads, 0, stream>>>(
