@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 
+#include "layout.h"
 #include "philox.h"
 
 namespace genkern {
@@ -47,23 +48,6 @@ GENKERN_HD V ddpm_step_unknown(const DdpmStepCoefs& c, V m, V x, V z) {
     if (c.recompute_eps) eps = (x - V(c.sa) * x0) * V(c.inv_s1);
   }
   return V(c.c_x0) * x0 + V(c.c_eps) * eps + V(c.c_xt) * x + V(c.sigma) * z;
-}
-
-// The layout the kernels walk: the sample's own memory order when it is dense with the batch
-// outermost (contiguous, channels_last, ...), else contiguous. Every operand is brought to it, so
-// the kernels are elementwise over memory, and element i's noise is the stream's element i.
-inline std::vector<int64_t> ddpm_kernel_strides(const at::Tensor& sample) {
-  const bool batch_outer = sample.dim() == 0 || sample.size(0) <= 1 ||
-                           sample.stride(0) * sample.size(0) == sample.numel();
-  if (sample.is_non_overlapping_and_dense() && batch_outer) return sample.strides().vec();
-  return at::empty(sample.sizes(), sample.options()).strides().vec();
-}
-
-inline at::Tensor to_strides(const at::Tensor& t, at::IntArrayRef strides) {
-  if (t.strides() == strides) return t;
-  auto out = at::empty_strided(t.sizes(), strides, t.options());
-  out.copy_(t);
-  return out;
 }
 
 struct DdpmStepCall {
@@ -123,7 +107,7 @@ inline DdpmStepCall prepare_ddpm_step(
   if (known) check_same(*known, sample, "known");
 
   DdpmStepCall call;
-  const auto strides = ddpm_kernel_strides(sample);
+  const auto strides = elementwise_strides(sample);
   call.sample = to_strides(sample, strides);
   call.model_output = to_strides(model_output, strides);
   if (noise) call.noise = to_strides(*noise, strides);
@@ -181,7 +165,7 @@ inline AddNoiseCall prepare_add_noise(const at::Tensor& original, const at::Tens
                       "add_noise: sqrt_alpha_prod and sqrt_one_minus_alpha_prod must be float32 of shape [",
                       original.size(0), "] on ", original.device(), ", got ", t->scalar_type(), " ", t->sizes(),
                       " on ", t->device());
-  const auto strides = ddpm_kernel_strides(original);
+  const auto strides = elementwise_strides(original);
   return {to_strides(original, strides), to_strides(noise, strides), sa.contiguous(), s1.contiguous(),
           at::empty_strided(original.sizes(), strides, original.options())};
 }

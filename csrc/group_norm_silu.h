@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 
 #include "activation.h"
+#include "layout.h"
 
 namespace genkern {
 
@@ -23,20 +24,6 @@ struct GroupNormShape {
   int64_t N, C, HW, G, D;  // D = channels per group; HW = product of the spatial sizes
   bool channels_last;      // memory is [N, HW, C] rather than [N, C, HW]
 };
-
-// True when x is dense with the channels innermost: (N, *spatial, C) order in memory.
-inline bool is_channels_last_dense(const at::Tensor& x) {
-  if (x.dim() < 3 || x.is_contiguous()) return false;
-  std::vector<int64_t> perm{0};
-  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
-  perm.push_back(1);
-  return x.permute(perm).is_contiguous();
-}
-
-// The layouts the kernels read: NCHW-contiguous or channels-last-dense; anything else is copied.
-inline at::Tensor to_kernel_layout(const at::Tensor& x) {
-  return (x.is_contiguous() || is_channels_last_dense(x)) ? x : x.contiguous();
-}
 
 inline void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();

@@ -31,4 +31,14 @@ TORCH_LIBRARY(genkern, m) {
   // with float32 per-sample coefficients of shape [N].
   m.def("add_noise(Tensor original_samples, Tensor noise, Tensor sqrt_alpha_prod, "
         "Tensor sqrt_one_minus_alpha_prod) -> Tensor");
+  // Pixel norm: y = x / sqrt(mean_c(x^2) + eps); returns (y, rstd), rstd float32 [N, prod(spatial)].
+  m.def("pixel_norm(Tensor x, float eps) -> (Tensor, Tensor)");
+  m.def("pixel_norm_backward(Tensor grad_y, Tensor x, Tensor rstd) -> Tensor");
+  // Minibatch standard deviation (StyleGAN2): x [N, C, H, W] -> [N, C + num_channels, H, W].
+  m.def("minibatch_stddev(Tensor x, int group_size, int num_channels, float eps) -> Tensor");
+  m.def("minibatch_stddev_backward(Tensor grad_out, Tensor x, int group_size, int num_channels, float eps) -> Tensor");
+  // Gradient-norm penalty of a per-sample gradient g [N, ...]: weight * mean_i (||g_i|| - target)^2, or
+  // weight * mean_i ||g_i||^2 when target is None. Returns (loss (0-d float32), norms float32 [N]).
+  m.def("gradient_penalty(Tensor grad, float weight, float? target) -> (Tensor, Tensor)");
+  m.def("gradient_penalty_backward(Tensor grad_loss, Tensor grad, Tensor norms, float weight, float? target) -> Tensor");
 }

@@ -23,9 +23,9 @@ def _is_dense(x: torch.Tensor) -> bool:
 
 
 def elementwise_strides(x: torch.Tensor) -> tuple[int, ...]:
-    """Strides the elementwise kernels (ddpm_step, add_noise) walk: x's own when x is dense with the
+    """Strides the elementwise kernels (ddpm_step, add_noise, gradient_penalty) walk: x's own when x is dense with the
     batch dim outermost (contiguous, channels_last, ...), else contiguous. Mirrors
-    ddpm_kernel_strides in csrc/ddpm_step.h; element i of this memory order draws noise element i."""
+    elementwise_strides in csrc/layout.h; element i of this memory order draws noise element i."""
     batch_outer = x.dim() == 0 or x.shape[0] <= 1 or x.stride(0) * x.shape[0] == x.numel()
     if _is_dense(x) and batch_outer:
         return tuple(x.stride())

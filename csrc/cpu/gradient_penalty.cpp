@@ -1,0 +1,97 @@
+// gradient_penalty on CPU. Maths and checks in csrc/gradient_penalty.h.
+// Forward: per-sample sums of squares, each sample split into chunks that threads take in any order,
+// the chunks' float32 vector sums combined in double. Backward: dg = scale_i g, one pass.
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/vec.h"
+#include "dispatch.h"
+#include "gradient_penalty.h"
+
+namespace genkern::cpu {
+namespace {
+
+constexpr int64_t kChunk = 16384;
+
+std::tuple<at::Tensor, at::Tensor> gradient_penalty(const at::Tensor& grad_in, double weight,
+                                                    std::optional<double> target) {
+  check_gradient_penalty(grad_in, weight, target, "gradient_penalty");
+  const auto g = to_strides(grad_in, elementwise_strides(grad_in));
+  const int64_t N = g.size(0), per = g.numel() / N, chunks = std::max<int64_t>(1, (per + kChunk - 1) / kChunk);
+  std::vector<double> part(N * chunks, 0.0);
+  GENKERN_DISPATCH_FLOAT_TYPES(g.scalar_type(), "gradient_penalty_cpu", [&] {
+    using IO = VecIO<scalar_t>;
+    const scalar_t* pg = g.const_data_ptr<scalar_t>();
+    at::parallel_for(0, N * chunks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i = t / chunks, b = (t % chunks) * kChunk, e = std::min(per, b + kChunk);
+        const scalar_t* p = pg + i * per;
+        Vec s0(0.0f), s1(0.0f);
+        int64_t k = b;
+        for (; k + IO::kStep <= e; k += IO::kStep) {
+          Vec a, c;
+          IO::load(p + k, a, c);
+          s0 = s0 + a * a;
+          s1 = s1 + c * c;
+        }
+        double s = hsum(s0 + s1);
+        for (; k < e; ++k) s += static_cast<double>(p[k]) * static_cast<double>(p[k]);
+        part[t] = s;
+      }
+    });
+  });
+  auto norms = at::empty({N}, g.options().dtype(at::kFloat));
+  for (int64_t i = 0; i < N; ++i) {
+    double s = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) s += part[i * chunks + c];
+    norms.data_ptr<float>()[i] = static_cast<float>(std::sqrt(s));
+  }
+  return {penalty_from_norms(norms, weight, target), norms};
+}
+
+at::Tensor gradient_penalty_backward(const at::Tensor& grad_loss, const at::Tensor& grad_in, const at::Tensor& norms,
+                                     double weight, std::optional<double> target) {
+  check_gradient_penalty(grad_in, weight, target, "gradient_penalty_backward");
+  TORCH_CHECK_VALUE(norms.scalar_type() == at::kFloat && norms.dim() == 1 && norms.size(0) == grad_in.size(0),
+                    "gradient_penalty_backward: norms must be float32 [N] = [", grad_in.size(0), "], got ",
+                    norms.scalar_type(), " ", norms.sizes());
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "gradient_penalty_backward: grad_loss must hold one value");
+  const auto strides = elementwise_strides(grad_in);
+  const auto g = to_strides(grad_in, strides);
+  auto dg = at::empty_strided(g.sizes(), strides, g.options());
+  const int64_t N = g.size(0), per = g.numel() / N;
+  if (g.numel() == 0) return dg;
+  const auto scale = penalty_grad_scale(grad_loss, norms, weight, target);
+  GENKERN_DISPATCH_FLOAT_TYPES(g.scalar_type(), "gradient_penalty_backward_cpu", [&] {
+    using IO = VecIO<scalar_t>;
+    const scalar_t* pg = g.const_data_ptr<scalar_t>();
+    scalar_t* pd = dg.mutable_data_ptr<scalar_t>();
+    const float* ps = scale.const_data_ptr<float>();
+    at::parallel_for(0, g.numel(), kChunk, [&](int64_t b, int64_t e) {
+      for (int64_t s = b; s < e;) {  // runs within one sample share its scale
+        const int64_t i = s / per, stop = std::min(e, (i + 1) * per);
+        const Vec v(ps[i]);
+        int64_t k = s;
+        for (; k + IO::kStep <= stop; k += IO::kStep) {
+          Vec a, c;
+          IO::load(pg + k, a, c);
+          IO::store(pd + k, a * v, c * v);
+        }
+        for (; k < stop; ++k) pd[k] = static_cast<scalar_t>(ps[i] * static_cast<float>(pg[k]));
+        s = stop;
+      }
+    });
+  });
+  return dg;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genkern, CPU, m) {
+  m.impl("gradient_penalty", &gradient_penalty);
+  m.impl("gradient_penalty_backward", &gradient_penalty_backward);
+}
+
+}  // namespace genkern::cpu

@@ -1,0 +1,200 @@
+// pixel_norm on CPU. Maths and checks in csrc/pixel_norm.h.
+// NCHW: a task owns kChunk positions of one sample and walks the channels twice (sum of squares,
+// then scale), vectorised along the positions; the chunk's rows stay in L1/L2 between the walks.
+// Channels-last and [N, C] latents: a task owns whole rows of C contiguous channels.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/vec.h"
+#include "dispatch.h"
+#include "pixel_norm.h"
+
+namespace genkern::cpu {
+namespace {
+
+constexpr int64_t kChunk = 64;  // positions per NCHW task: 4 vector steps
+
+template <typename T>
+void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t p0, int64_t L, float eps) {
+  using IO = VecIO<T>;
+  alignas(64) float acc[kChunk] = {};
+  for (int64_t c = 0; c < C; ++c) {
+    const T* row = x + c * P + p0;
+    int64_t i = 0;
+    for (; i + IO::kStep <= L; i += IO::kStep) {
+      Vec a, b;
+      IO::load(row + i, a, b);
+      (Vec::loadu(acc + i) + a * a).store(acc + i);
+      (Vec::loadu(acc + i + kVec) + b * b).store(acc + i + kVec);
+    }
+    for (; i < L; ++i) acc[i] += static_cast<float>(row[i]) * static_cast<float>(row[i]);
+  }
+  for (int64_t i = 0; i < L; ++i) acc[i] = rstd[p0 + i] = 1.0f / std::sqrt(acc[i] / static_cast<float>(C) + eps);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* row = x + c * P + p0;
+    T* out = y + c * P + p0;
+    int64_t i = 0;
+    for (; i + IO::kStep <= L; i += IO::kStep) {
+      Vec a, b;
+      IO::load(row + i, a, b);
+      IO::store(out + i, a * Vec::loadu(acc + i), b * Vec::loadu(acc + i + kVec));
+    }
+    for (; i < L; ++i) out[i] = static_cast<T>(static_cast<float>(row[i]) * acc[i]);
+  }
+}
+
+template <typename T>
+void backward_chunk(const T* dy, const T* x, const float* rstd, T* dx, int64_t C, int64_t P, int64_t p0,
+                    int64_t L) {
+  using IO = VecIO<T>;
+  alignas(64) float dot[kChunk] = {};
+  for (int64_t c = 0; c < C; ++c) {
+    const T *g = dy + c * P + p0, *v = x + c * P + p0;
+    int64_t i = 0;
+    for (; i + IO::kStep <= L; i += IO::kStep) {
+      Vec ga, gb, va, vb;
+      IO::load(g + i, ga, gb);
+      IO::load(v + i, va, vb);
+      (Vec::loadu(dot + i) + ga * va).store(dot + i);
+      (Vec::loadu(dot + i + kVec) + gb * vb).store(dot + i + kVec);
+    }
+    for (; i < L; ++i) dot[i] += static_cast<float>(g[i]) * static_cast<float>(v[i]);
+  }
+  alignas(64) float r[kChunk], k[kChunk];
+  for (int64_t i = 0; i < L; ++i) {
+    r[i] = rstd[p0 + i];
+    k[i] = r[i] * r[i] * r[i] * dot[i] / static_cast<float>(C);  // dx = r dy - k x
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const T *g = dy + c * P + p0, *v = x + c * P + p0;
+    T* out = dx + c * P + p0;
+    int64_t i = 0;
+    for (; i + IO::kStep <= L; i += IO::kStep) {
+      Vec ga, gb, va, vb;
+      IO::load(g + i, ga, gb);
+      IO::load(v + i, va, vb);
+      IO::store(out + i, Vec::loadu(r + i) * ga - Vec::loadu(k + i) * va,
+                Vec::loadu(r + i + kVec) * gb - Vec::loadu(k + i + kVec) * vb);
+    }
+    for (; i < L; ++i)
+      out[i] = static_cast<T>(r[i] * static_cast<float>(g[i]) - k[i] * static_cast<float>(v[i]));
+  }
+}
+
+// sum over a contiguous row of f(a_i, b_i) for the two row loaders, vectorised with two accumulators
+template <typename T, typename F>
+float row_sum(const T* a, const T* b, int64_t C, F f) {
+  using IO = VecIO<T>;
+  Vec s0(0.0f), s1(0.0f);
+  int64_t c = 0;
+  for (; c + IO::kStep <= C; c += IO::kStep) {
+    Vec a0, a1, b0, b1;
+    IO::load(a + c, a0, a1);
+    IO::load(b + c, b0, b1);
+    s0 = s0 + f(a0, b0);
+    s1 = s1 + f(a1, b1);
+  }
+  float s = hsum(s0 + s1);
+  for (; c < C; ++c) s += f(static_cast<float>(a[c]), static_cast<float>(b[c]));
+  return s;
+}
+
+template <typename T>
+void forward_row(const T* x, T* y, float* rstd, int64_t C, float eps) {
+  using IO = VecIO<T>;
+  const float r = 1.0f / std::sqrt(row_sum(x, x, C, [](auto u, auto) { return u * u; }) / C + eps);
+  *rstd = r;
+  const Vec vr(r);
+  int64_t c = 0;
+  for (; c + IO::kStep <= C; c += IO::kStep) {
+    Vec a, b;
+    IO::load(x + c, a, b);
+    IO::store(y + c, a * vr, b * vr);
+  }
+  for (; c < C; ++c) y[c] = static_cast<T>(static_cast<float>(x[c]) * r);
+}
+
+template <typename T>
+void backward_row(const T* dy, const T* x, float r, T* dx, int64_t C) {
+  using IO = VecIO<T>;
+  const float k = r * r * r * row_sum(dy, x, C, [](auto g, auto v) { return g * v; }) / C;
+  const Vec vr(r), vk(k);
+  int64_t c = 0;
+  for (; c + IO::kStep <= C; c += IO::kStep) {
+    Vec ga, gb, va, vb;
+    IO::load(dy + c, ga, gb);
+    IO::load(x + c, va, vb);
+    IO::store(dx + c, vr * ga - vk * va, vr * gb - vk * vb);
+  }
+  for (; c < C; ++c) dx[c] = static_cast<T>(r * static_cast<float>(dy[c]) - k * static_cast<float>(x[c]));
+}
+
+bool by_rows(const PixelNormShape& s) { return s.channels_last || s.P == 1; }
+
+std::tuple<at::Tensor, at::Tensor> pixel_norm(const at::Tensor& x_in, double eps) {
+  check_pixel_norm_eps(eps);
+  const auto x = to_kernel_layout(x_in);
+  const auto s = pixel_norm_shape(x, "pixel_norm");
+  auto y = at::empty_like(x);
+  auto rstd = at::empty({s.N, s.P}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) return {y, rstd};
+  const float e = static_cast<float>(eps);
+  GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "pixel_norm_cpu", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    float* pr = rstd.mutable_data_ptr<float>();
+    if (by_rows(s)) {
+      at::parallel_for(0, s.N * s.P, std::max<int64_t>(1, 16384 / s.C), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) forward_row(px + r * s.C, py + r * s.C, pr + r, s.C, e);
+      });
+    } else {
+      const int64_t chunks = (s.P + kChunk - 1) / kChunk;
+      at::parallel_for(0, s.N * chunks, std::max<int64_t>(1, 16384 / (s.C * kChunk)), [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n = t / chunks, p0 = (t % chunks) * kChunk;
+          forward_chunk(px + n * s.C * s.P, py + n * s.C * s.P, pr + n * s.P, s.C, s.P, p0,
+                        std::min(kChunk, s.P - p0), e);
+        }
+      });
+    }
+  });
+  return {y, rstd};
+}
+
+at::Tensor pixel_norm_backward(const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& rstd_in) {
+  const auto x = to_kernel_layout(x_in);
+  const auto s = pixel_norm_shape(x, "pixel_norm_backward");
+  check_pixel_norm_backward(grad_y, x, rstd_in, s);
+  const auto dy = grad_y.strides() == x.strides() ? grad_y : at::empty_like(x).copy_(grad_y);
+  const auto rstd = rstd_in.contiguous();
+  auto dx = at::empty_like(x);
+  if (x.numel() == 0) return dx;
+  GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "pixel_norm_backward_cpu", [&] {
+    const scalar_t *pg = dy.const_data_ptr<scalar_t>(), *px = x.const_data_ptr<scalar_t>();
+    scalar_t* pd = dx.mutable_data_ptr<scalar_t>();
+    const float* pr = rstd.const_data_ptr<float>();
+    if (by_rows(s)) {
+      at::parallel_for(0, s.N * s.P, std::max<int64_t>(1, 16384 / s.C), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) backward_row(pg + r * s.C, px + r * s.C, pr[r], pd + r * s.C, s.C);
+      });
+    } else {
+      const int64_t chunks = (s.P + kChunk - 1) / kChunk;
+      at::parallel_for(0, s.N * chunks, std::max<int64_t>(1, 16384 / (s.C * kChunk)), [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n = t / chunks, p0 = (t % chunks) * kChunk, o = n * s.C * s.P;
+          backward_chunk(pg + o, px + o, pr + n * s.P, pd + o, s.C, s.P, p0, std::min(kChunk, s.P - p0));
+        }
+      });
+    }
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genkern, CPU, m) {
+  m.impl("pixel_norm", &pixel_norm);
+  m.impl("pixel_norm_backward", &pixel_norm_backward);
+}
+
+}  // namespace genkern::cpu

@@ -1,0 +1,43 @@
+// gradient_penalty: checks and the per-sample coefficients shared by the CPU and CUDA kernels.
+// Readable version: genkern/reference/gradient_penalty.py. For a gradient g [N, ...]:
+//   n_i = ||g_i||_2 (float32, saved);  loss = weight mean_i (n_i - target)^2   (WGAN-GP)
+//                                        or weight mean_i n_i^2               (R1: target None)
+//   backward: dg_i = dloss * (2 weight / N) * a_i * g_i,  a_i = 1 - target / n_i (0 where n_i = 0) or 1.
+// Each sample is one contiguous block of memory in the kernel layout (layout.h: elementwise_strides),
+// so the norm does not depend on the layout.
+#pragma once
+#include <cmath>
+
+#include <ATen/ATen.h>
+
+#include "layout.h"
+
+namespace genkern {
+
+inline void check_gradient_penalty(const at::Tensor& grad, double weight, std::optional<double> target,
+                                   const char* op) {
+  const auto st = grad.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+                   ": grad must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK_VALUE(grad.dim() >= 1 && grad.size(0) >= 1, op, ": grad must be [N, ...] with N >= 1, got ",
+                    grad.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(weight), op, ": weight must be finite, got ", weight);
+  TORCH_CHECK_VALUE(!target.has_value() || std::isfinite(*target), op, ": target must be finite or None");
+}
+
+// The loss from the per-sample norms (float32 [N]): a handful of values, computed with ATen ops.
+inline at::Tensor penalty_from_norms(const at::Tensor& norms, double weight, std::optional<double> target) {
+  const auto n = norms.to(at::kDouble);
+  const auto per = target.has_value() ? (n - *target).square() : n.square();
+  return per.mean().mul(weight).to(at::kFloat);
+}
+
+// a_i scaled by dloss * 2 weight / N: the factor each sample's gradient is multiplied by.
+inline at::Tensor penalty_grad_scale(const at::Tensor& grad_loss, const at::Tensor& norms, double weight,
+                                     std::optional<double> target) {
+  auto a = target.has_value() ? at::where(norms > 0, 1.0 - *target / norms, at::zeros_like(norms))
+                              : at::ones_like(norms);
+  return (a * grad_loss.to(at::kFloat) * static_cast<float>(2.0 * weight / norms.size(0))).contiguous();
+}
+
+}  // namespace genkern

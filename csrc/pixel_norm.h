@@ -1,0 +1,46 @@
+// pixel_norm: checks and shapes shared by the CPU and CUDA kernels. The maths (readable version:
+// genkern/reference/pixel_norm.py), per feature vector x of C channels (a pixel, or a row of [N, C]):
+//   forward:  r = 1 / sqrt(mean_c(x^2) + eps),  y = x r          (r saved, float32 [N, P])
+//   backward: dx = r (dy - x r^2 mean_c(dy x))
+// x is read as [N, C, P] (NCHW-contiguous) or [N, P, C] (channels-last-dense), P = prod(spatial).
+#pragma once
+#include <cmath>
+
+#include <ATen/ATen.h>
+
+#include "layout.h"
+
+namespace genkern {
+
+struct PixelNormShape {
+  int64_t N, C, P;
+  bool channels_last;
+};
+
+inline PixelNormShape pixel_norm_shape(const at::Tensor& x, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must have shape (N, C, *), got ", x.sizes());
+  const auto st = x.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+                   ": x must be float32, float16 or bfloat16, got ", st);
+  PixelNormShape s{x.size(0), x.size(1), 1, is_channels_last_dense(x)};
+  for (int64_t d = 2; d < x.dim(); ++d) s.P *= x.size(d);
+  TORCH_CHECK_VALUE(s.C > 0 || x.numel() == 0, op, ": x must have at least one channel");
+  return s;
+}
+
+inline void check_pixel_norm_eps(double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "pixel_norm: eps must be finite and >= 0, got ", eps);
+}
+
+inline void check_pixel_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& rstd,
+                                      const PixelNormShape& s) {
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
+                        grad_y.device() == x.device(),
+                    "pixel_norm_backward: grad_y must match x in shape, dtype and device, got ", grad_y.sizes(), " ",
+                    grad_y.scalar_type(), " vs ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK_VALUE(rstd.scalar_type() == at::kFloat && rstd.numel() == s.N * s.P && rstd.device() == x.device(),
+                    "pixel_norm_backward: rstd must be float32 with N*prod(spatial)=", s.N * s.P,
+                    " elements on x's device, got ", rstd.scalar_type(), " with ", rstd.numel());
+}
+
+}  // namespace genkern
