@@ -17,6 +17,7 @@ import torch
 from .. import _backend, _extension
 from .._layout import is_channels_last_dense
 from .. import reference as _reference
+from ._double_backward import differentiable_backward
 
 _ACTIVATIONS = ("silu", "gelu", "none")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -114,13 +115,17 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.num_groups, ctx.activation = num_groups, activation
+    ctx.num_groups, ctx.activation, ctx.eps = num_groups, activation, eps
 
 
 def _autograd_backward(backward_op):
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = backward_op(grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
+        G, act, eps = ctx.num_groups, ctx.activation, ctx.eps
+        # fused first-order gradients; differentiable again (through the reference) under create_graph
+        dx, dw, db = differentiable_backward(
+            lambda gy, x, w, b: backward_op(gy, x, w, b, mean, rstd, G, act),
+            lambda x, w, b: _reference.group_norm_silu(x, G, w, b, eps, act), (grad_y,), (x, weight, bias))
         return (dx if ctx.needs_input_grad[0] else None,
                 dw if weight is not None and ctx.needs_input_grad[1] else None,
                 db if bias is not None and ctx.needs_input_grad[2] else None, None, None, None)
