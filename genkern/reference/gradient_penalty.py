@@ -5,7 +5,8 @@
     R1 (Mescheder et al., "Which Training Methods for GANs do actually Converge?", ICML 2018):
         weight * mean_i ||g_i||_2^2 with weight = gamma / 2           target None
 
-||g_i|| is the 2-norm over all of sample i's elements. Computed in float32 (float64 for float64 g).
+||g_i|| is the 2-norm over all of sample i's elements. Computed in float32 (float64 for float64 g). A sample
+whose gradient is exactly zero gets the norm's subgradient 0 (eager torch.norm's backward gives NaN there).
 """
 from __future__ import annotations
 
@@ -19,4 +20,7 @@ def gradient_penalty(grad: torch.Tensor, weight: float, target: Optional[float])
     sq = g.square().sum(dim=1)
     if target is None:
         return weight * sq.mean()
-    return weight * (sq.sqrt() - target).square().mean()
+    # ||g_i|| with the subgradient 0 at g_i = 0 (sqrt's derivative there is infinite: eager gives NaN)
+    nonzero = sq > 0
+    norm = torch.where(nonzero, torch.where(nonzero, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    return weight * (norm - target).square().mean()
