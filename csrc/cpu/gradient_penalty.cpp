@@ -42,13 +42,19 @@ std::tuple<at::Tensor, at::Tensor> gradient_penalty(const at::Tensor& grad_in, d
       }
     });
   });
+  // N values: plain loops, not ATen ops (each of which costs more than this whole tail)
   auto norms = at::empty({N}, g.options().dtype(at::kFloat));
+  double loss = 0.0;
   for (int64_t i = 0; i < N; ++i) {
     double s = 0.0;
     for (int64_t c = 0; c < chunks; ++c) s += part[i * chunks + c];
-    norms.data_ptr<float>()[i] = static_cast<float>(std::sqrt(s));
+    const double n = std::sqrt(s);
+    norms.data_ptr<float>()[i] = static_cast<float>(n);
+    loss += target.has_value() ? (n - *target) * (n - *target) : s;
   }
-  return {penalty_from_norms(norms, weight, target), norms};
+  auto out = at::empty({}, g.options().dtype(at::kFloat));
+  out.data_ptr<float>()[0] = static_cast<float>(weight * loss / N);
+  return {out, norms};
 }
 
 at::Tensor gradient_penalty_backward(const at::Tensor& grad_loss, const at::Tensor& grad_in, const at::Tensor& norms,
@@ -63,12 +69,19 @@ at::Tensor gradient_penalty_backward(const at::Tensor& grad_loss, const at::Tens
   auto dg = at::empty_strided(g.sizes(), strides, g.options());
   const int64_t N = g.size(0), per = g.numel() / N;
   if (g.numel() == 0) return dg;
-  const auto scale = penalty_grad_scale(grad_loss, norms, weight, target);
+  // scale_i = dloss 2 weight / N a_i (csrc/gradient_penalty.h), N values in plain code
+  std::vector<float> scale(N);
+  const double k = grad_loss.item<double>() * 2.0 * weight / N;
+  const auto nc = norms.contiguous();
+  for (int64_t i = 0; i < N; ++i) {
+    const double n = nc.const_data_ptr<float>()[i];
+    scale[i] = static_cast<float>(k * (!target.has_value() ? 1.0 : (n > 0 ? 1.0 - *target / n : 0.0)));
+  }
   GENKERN_DISPATCH_FLOAT_TYPES(g.scalar_type(), "gradient_penalty_backward_cpu", [&] {
     using IO = VecIO<scalar_t>;
     const scalar_t* pg = g.const_data_ptr<scalar_t>();
     scalar_t* pd = dg.mutable_data_ptr<scalar_t>();
-    const float* ps = scale.const_data_ptr<float>();
+    const float* ps = scale.data();
     at::parallel_for(0, g.numel(), kChunk, [&](int64_t b, int64_t e) {
       for (int64_t s = b; s < e;) {  // runs within one sample share its scale
         const int64_t i = s / per, stop = std::min(e, (i + 1) * per);

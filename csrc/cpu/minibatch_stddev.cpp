@@ -15,47 +15,47 @@
 namespace genkern::cpu {
 namespace {
 
-constexpr int kMaxGroup = 64;  // larger groups take the scalar path
-
+// NCHW: a run of positions j in [j0, j1) of slice f (channel f c + j / P, pixel j % P: contiguous in
+// every sample) for column m; returns the sum of sqrt(var + eps) over the run.
 template <typename T>
-double forward_nchw_row(const T* x, T* out, const MbstdShape& s, int64_t m, int64_t ch, float eps) {
-  // row (g M + m, ch) of x starts at ((g M + m) C + ch) P; of out at ((g M + m)(C + F) + ch) P
-  const int64_t P = s.P, G = s.G;
+double forward_nchw_run(const T* x, T* out, const MbstdShape& s, int64_t m, int64_t f, int64_t j0, int64_t j1,
+                        float eps) {
   using IO = VecIO<T>;
+  const int64_t G = s.G, slab = f * s.c * s.P;
+  auto xrow = [&](int64_t g) { return x + (g * s.M + m) * s.C * s.P + slab; };
+  auto orow = [&](int64_t g) { return out + (g * s.M + m) * (s.C + s.F) * s.P + slab; };
   Vec acc(0.0f);
-  float acc_s = 0.0f;
-  int64_t p = 0;
-  Vec va[2 * kMaxGroup];
-  if (G <= kMaxGroup) {
-    for (; p + IO::kStep <= P; p += IO::kStep) {
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t i = g * s.M + m;
-        IO::load(x + (i * s.C + ch) * P + p, va[2 * g], va[2 * g + 1]);
-        IO::store(out + (i * (s.C + s.F) + ch) * P + p, va[2 * g], va[2 * g + 1]);
-      }
-      for (int half = 0; half < 2; ++half) {
-        Vec sum(0.0f), var(0.0f);
-        for (int64_t g = 0; g < G; ++g) sum = sum + va[2 * g + half];
-        const Vec mu = sum * Vec(1.0f / G);
-        for (int64_t g = 0; g < G; ++g) {
-          const Vec d = va[2 * g + half] - mu;
-          var = var + d * d;
-        }
-        acc = acc + (var * Vec(1.0f / G) + Vec(eps)).sqrt();
-      }
+  double acc_s = 0.0;
+  int64_t j = j0;
+  // two walks over the G samples (the second from L1): mean and copy, then the variance
+  for (; j + IO::kStep <= j1; j += IO::kStep) {
+    Vec s0(0.0f), s1(0.0f);
+    for (int64_t g = 0; g < G; ++g) {
+      Vec a, b;
+      IO::load(xrow(g) + j, a, b);
+      IO::store(orow(g) + j, a, b);
+      s0 = s0 + a;
+      s1 = s1 + b;
     }
+    const Vec inv(1.0f / G), m0 = s0 * inv, m1 = s1 * inv;
+    Vec v0(0.0f), v1(0.0f);
+    for (int64_t g = 0; g < G; ++g) {
+      Vec a, b;
+      IO::load(xrow(g) + j, a, b);
+      v0 = v0 + (a - m0) * (a - m0);
+      v1 = v1 + (b - m1) * (b - m1);
+    }
+    acc = acc + (v0 * inv + Vec(eps)).sqrt() + (v1 * inv + Vec(eps)).sqrt();
   }
-  for (; p < P; ++p) {
+  for (; j < j1; ++j) {
     float sum = 0.0f, var = 0.0f;
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t i = g * s.M + m;
-      const T v = x[(i * s.C + ch) * P + p];
-      out[(i * (s.C + s.F) + ch) * P + p] = v;
-      sum += static_cast<float>(v);
+      orow(g)[j] = xrow(g)[j];
+      sum += static_cast<float>(xrow(g)[j]);
     }
     const float mu = sum / G;
     for (int64_t g = 0; g < G; ++g) {
-      const float d = static_cast<float>(x[((g * s.M + m) * s.C + ch) * P + p]) - mu;
+      const float d = static_cast<float>(xrow(g)[j]) - mu;
       var += d * d;
     }
     acc_s += std::sqrt(var / G + eps);
@@ -69,28 +69,28 @@ void forward_cl_pixels(const T* x, T* out, const MbstdShape& s, int64_t m, int64
                        float* sums) {
   const int64_t C = s.C, G = s.G, CF = s.C + s.F;
   using IO = VecIO<T>;
-  Vec va[2 * kMaxGroup];
   for (int64_t p = p0; p < p1; ++p) {
     int64_t ch = 0;
-    if (G <= kMaxGroup) {
-      for (; ch + IO::kStep <= C; ch += IO::kStep) {
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t i = g * s.M + m;
-          IO::load(x + (i * s.P + p) * C + ch, va[2 * g], va[2 * g + 1]);
-          IO::store(out + (i * s.P + p) * CF + ch, va[2 * g], va[2 * g + 1]);
-        }
-        for (int half = 0; half < 2; ++half) {
-          Vec sum(0.0f), var(0.0f);
-          for (int64_t g = 0; g < G; ++g) sum = sum + va[2 * g + half];
-          const Vec mu = sum * Vec(1.0f / G);
-          for (int64_t g = 0; g < G; ++g) {
-            const Vec d = va[2 * g + half] - mu;
-            var = var + d * d;
-          }
-          float* dst = sums + ch + half * kVec;
-          (Vec::loadu(dst) + (var * Vec(1.0f / G) + Vec(eps)).sqrt()).store(dst);
-        }
+    for (; ch + IO::kStep <= C; ch += IO::kStep) {
+      Vec s0(0.0f), s1(0.0f);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t i = g * s.M + m;
+        Vec a, b;
+        IO::load(x + (i * s.P + p) * C + ch, a, b);
+        IO::store(out + (i * s.P + p) * CF + ch, a, b);
+        s0 = s0 + a;
+        s1 = s1 + b;
       }
+      const Vec inv(1.0f / G), m0 = s0 * inv, m1 = s1 * inv;
+      Vec v0(0.0f), v1(0.0f);
+      for (int64_t g = 0; g < G; ++g) {
+        Vec a, b;
+        IO::load(x + ((g * s.M + m) * s.P + p) * C + ch, a, b);
+        v0 = v0 + (a - m0) * (a - m0);
+        v1 = v1 + (b - m1) * (b - m1);
+      }
+      (Vec::loadu(sums + ch) + (v0 * inv + Vec(eps)).sqrt()).store(sums + ch);
+      (Vec::loadu(sums + ch + kVec) + (v1 * inv + Vec(eps)).sqrt()).store(sums + ch + kVec);
     }
     for (; ch < C; ++ch) {
       float sum = 0.0f, var = 0.0f;
@@ -120,11 +120,16 @@ at::Tensor minibatch_stddev(const at::Tensor& x_in, int64_t group_size, int64_t 
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     if (!s.channels_last) {
-      std::vector<double> rows(s.M * s.C);
-      at::parallel_for(0, s.M * s.C, std::max<int64_t>(1, 16384 / (s.P * s.G)), [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) rows[t] = forward_nchw_row(px, po, s, t / s.C, t % s.C, e);
+      const int64_t run = std::max<int64_t>(256, 16384 / s.G), len = s.c * s.P;
+      const int64_t chunks = (len + run - 1) / run;
+      std::vector<double> part(s.M * s.F * chunks);
+      at::parallel_for(0, s.M * s.F * chunks, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t mf = t / chunks, j0 = (t % chunks) * run;
+          part[t] = forward_nchw_run(px, po, s, mf / s.F, mf % s.F, j0, std::min(len, j0 + run), e);
+        }
       });
-      for (int64_t t = 0; t < s.M * s.C; ++t) stat_sum[(t / s.C) * s.F + (t % s.C) / s.c] += rows[t];
+      for (int64_t t = 0; t < s.M * s.F * chunks; ++t) stat_sum[t / chunks] += part[t];
     } else {
       const int64_t per_task = std::max<int64_t>(1, 16384 / (s.C * s.G));
       const int64_t chunks = (s.P + per_task - 1) / per_task;
@@ -139,10 +144,19 @@ at::Tensor minibatch_stddev(const at::Tensor& x_in, int64_t group_size, int64_t 
         for (int64_t ch = 0; ch < s.C; ++ch) stat_sum[(t / chunks) * s.F + ch / s.c] += sums[t * s.C + ch];
     }
   });
-  auto stat = at::empty({s.M, s.F}, x.options().dtype(at::kFloat).device(at::kCPU));
-  for (int64_t k = 0; k < s.M * s.F; ++k)
-    stat.data_ptr<float>()[k] = static_cast<float>(stat_sum[k] / static_cast<double>(s.c * s.P));
-  mbstd_fill_stats(out, stat, s);
+  // the F statistic channels: N F P values written here (ATen's repeat/expand/copy would cost more)
+  GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "minibatch_stddev_cpu_fill", [&] {
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    const int64_t CF = s.C + s.F;
+    at::parallel_for(0, s.N * s.F, std::max<int64_t>(1, 16384 / s.P), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i = t / s.F, f = t % s.F;
+        const auto v = static_cast<scalar_t>(stat_sum[(i % s.M) * s.F + f] / static_cast<double>(s.c * s.P));
+        for (int64_t p = 0; p < s.P; ++p)
+          po[s.channels_last ? (i * s.P + p) * CF + s.C + f : (i * CF + s.C + f) * s.P + p] = v;
+      }
+    });
+  });
   return out;
 }
 

@@ -2,6 +2,9 @@
 // NCHW: a task owns kChunk positions of one sample and walks the channels twice (sum of squares,
 // then scale), vectorised along the positions; the chunk's rows stay in L1/L2 between the walks.
 // Channels-last and [N, C] latents: a task owns whole rows of C contiguous channels.
+#include <cstdint>
+#include <type_traits>
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -12,10 +15,28 @@
 namespace genkern::cpu {
 namespace {
 
-constexpr int64_t kChunk = 64;  // positions per NCHW task: 4 vector steps
+constexpr int64_t kChunk = 1024;
+constexpr int64_t kStreamBytes = int64_t{16} << 20;  // outputs above this (beyond the L3 here) bypass the cache
+
+// y is written once and not read back by this op: for large outputs, stores that bypass the cache
+// (no read-for-ownership of y's lines) cut the memory traffic from three passes to two.
+template <typename T>
+inline void store_out(T* p, const Vec& a, const Vec& b, bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) {
+      _mm256_stream_ps(p, a);
+      _mm256_stream_ps(p + kVec, b);
+      return;
+    }
+  }
+#endif
+  VecIO<T>::store(p, a, b);
+}
 
 template <typename T>
-void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t p0, int64_t L, float eps) {
+void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t p0, int64_t L, float eps,
+                   bool stream) {
   using IO = VecIO<T>;
   alignas(64) float acc[kChunk] = {};
   for (int64_t c = 0; c < C; ++c) {
@@ -37,7 +58,8 @@ void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t 
     for (; i + IO::kStep <= L; i += IO::kStep) {
       Vec a, b;
       IO::load(row + i, a, b);
-      IO::store(out + i, a * Vec::loadu(acc + i), b * Vec::loadu(acc + i + kVec));
+      store_out(out + i, a * Vec::loadu(acc + i), b * Vec::loadu(acc + i + kVec),
+                stream && reinterpret_cast<uintptr_t>(out + i) % 32 == 0);
     }
     for (; i < L; ++i) out[i] = static_cast<T>(static_cast<float>(row[i]) * acc[i]);
   }
@@ -149,12 +171,16 @@ std::tuple<at::Tensor, at::Tensor> pixel_norm(const at::Tensor& x_in, double eps
       });
     } else {
       const int64_t chunks = (s.P + kChunk - 1) / kChunk;
+      const bool stream = x.numel() * x.element_size() > kStreamBytes;
       at::parallel_for(0, s.N * chunks, std::max<int64_t>(1, 16384 / (s.C * kChunk)), [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t n = t / chunks, p0 = (t % chunks) * kChunk;
           forward_chunk(px + n * s.C * s.P, py + n * s.C * s.P, pr + n * s.P, s.C, s.P, p0,
-                        std::min(kChunk, s.P - p0), e);
+                        std::min(kChunk, s.P - p0), e, stream);
         }
+#if defined(CPU_CAPABILITY_AVX2)
+        _mm_sfence();  // streaming stores are weakly ordered: publish them before the task ends
+#endif
       });
     }
   });

@@ -1,0 +1,144 @@
+"""GAN-op benchmarks: pixel norm and minibatch stddev at ProGAN/StyleGAN shapes (forward and
+forward+backward), and the penalty part of WGAN-GP at critic-input shapes: the gradient norm, the
+penalty and their backward, given the gradient. Eager = the layers as ProGAN/StyleGAN2 write them.
+Used by `python -m bench` (three op modules: pixel_norm, minibatch_stddev, gradient_penalty) and by
+pytest-benchmark."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import genkern
+from genkern.ops.gradient_penalty import bytes_moved as gp_bytes
+from genkern.ops.minibatch_stddev import bytes_moved as mb_bytes
+from genkern.ops.pixel_norm import bytes_moved as pn_bytes
+
+
+def eager_pixel_norm(x):
+    return x * torch.rsqrt(torch.mean(x ** 2, dim=1, keepdim=True) + 1e-8)
+
+
+def eager_minibatch_stddev(x, group_size=4, num_channels=1):
+    N, C, H, W = x.shape
+    G = min(group_size, N)
+    y = x.reshape(G, -1, num_channels, C // num_channels, H, W)
+    y = y - y.mean(dim=0)
+    y = (y.square().mean(dim=0) + 1e-8).sqrt()
+    y = y.mean(dim=[2, 3, 4]).reshape(-1, num_channels, 1, 1).repeat(G, 1, H, W)
+    return torch.cat([x, y], dim=1)
+
+
+def eager_penalty(g):
+    return 10.0 * ((g.reshape(g.shape[0], -1).norm(2, dim=1) - 1.0) ** 2).mean()
+
+
+def _kernel_backends(device):
+    return [b for b in genkern.backends(device) if b != "reference" and not (b == "triton" and device == "cpu")]
+
+
+def _impls(eager, fused, device, with_compile):
+    impls = {"eager": eager}
+    if with_compile:
+        impls["torch.compile"] = _compiled(eager)
+    for be in _kernel_backends(device):
+        def fn(*a, be=be):
+            with genkern.use_backend(be):
+                return fused(*a)
+        impls[f"genkern[{be}]"] = fn
+    return impls
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _callables(impls, x, backward):
+    dy = None
+    out = {}
+    for name, fn in impls.items():
+        if backward:
+            def run(fn=fn):
+                x.grad = None
+                y = fn(x)
+                y.backward(torch.ones_like(y) if y.dim() == 0 else _dy(y))
+        else:
+            def run(fn=fn):
+                with torch.no_grad():
+                    return fn(x)
+        out[name] = run
+    return out
+
+
+_DY: dict = {}
+
+
+def _dy(y):
+    key = (tuple(y.shape), y.dtype, y.device, y.is_contiguous())
+    if key not in _DY:
+        _DY[key] = torch.randn_like(y)
+    return _DY[key]
+
+
+class _Op:
+    """The module interface bench/report.py expects, for one GAN op."""
+
+    def __init__(self, name, eager, fused, quick, full, traffic, passes=(False, True)):
+        self.OP, self.eager, self.fused, self.QUICK, self.FULL = name, eager, fused, quick, full
+        self.traffic, self.PASSES = traffic, passes
+
+    def implementations(self, device, with_compile=True):
+        return _impls(self.eager, self.fused, device, with_compile)
+
+    def cases(self, quick, device):
+        for shape in (self.QUICK if quick else self.FULL):
+            yield dict(shape=shape, dtype=torch.float32, channels_last=False)
+        if not quick:
+            yield dict(shape=self.QUICK[0], dtype=torch.float32, channels_last=True)
+
+    def case_callables(self, impls, shape, dtype, device, channels_last=False, backward=False, **_):
+        x = torch.randn(shape, device=device, dtype=dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        x.requires_grad_(backward)
+        return _callables(impls, x, backward), self.traffic(x, backward), (x,)
+
+
+pixel_norm = _Op("pixel_norm", eager_pixel_norm, genkern.pixel_norm,
+                 quick=[(16, 512, 32, 32), (64, 512, 8, 8)], full=[(16, 512, 32, 32), (64, 512, 8, 8), (64, 512)],
+                 traffic=lambda x, bwd: pn_bytes(x) + (pn_bytes(x, backward=True) if bwd else 0))
+minibatch_stddev = _Op("minibatch_stddev", eager_minibatch_stddev, genkern.minibatch_stddev,
+                       quick=[(32, 512, 4, 4), (16, 256, 32, 32)], full=[(32, 512, 4, 4), (16, 256, 32, 32),
+                                                                         (64, 512, 8, 8)],
+                       traffic=lambda x, bwd: mb_bytes(x) + (mb_bytes(x, backward=True) if bwd else 0))
+# the penalty part of WGAN-GP given the gradient: forward alone, and forward + backward (what a critic step runs)
+gradient_penalty = _Op("gradient_penalty", eager_penalty, lambda g: genkern.gradient_norm_penalty(g, 10.0, 1.0),
+                       quick=[(64, 3, 64, 64)], full=[(64, 3, 64, 64), (64, 3, 128, 128), (32, 3, 256, 256)],
+                       traffic=lambda g, bwd: gp_bytes(g) + (gp_bytes(g, backward=True) if bwd else 0))
+
+OPS = {"pixel_norm": pixel_norm, "minibatch_stddev": minibatch_stddev, "gradient_penalty": gradient_penalty}
+
+# -------------------------------------------------------------------------------------------------
+# pytest-benchmark
+
+PYTEST_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_PARAMS = [(op, shape, impl) for op in OPS for shape in OPS[op].QUICK
+           for impl in OPS[op].implementations(PYTEST_DEVICE, with_compile=True)]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("op,shape,impl", _PARAMS, ids=[f"{o}-{'x'.join(map(str, s))}-{i}" for o, s, i in _PARAMS])
+def test_gan_ops(benchmark, op, shape, impl, backward):
+    mod = OPS[op]
+    fns, traffic, _ = mod.case_callables({impl: mod.implementations(PYTEST_DEVICE)[impl]}, shape, torch.float32,
+                                         PYTEST_DEVICE, backward=backward)
+    benchmark.group = f"{op} {'x'.join(map(str, shape))} {'fwd+bwd' if backward else 'fwd'}"
+    benchmark.extra_info["bytes_moved"] = traffic
+    fn = fns[impl]
+    if PYTEST_DEVICE == "cuda":
+        def fn(f=fn):
+            f()
+            torch.cuda.synchronize()
+    benchmark.pedantic(fn, rounds=20, warmup_rounds=3)
