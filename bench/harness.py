@@ -15,22 +15,45 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+_WAKE = None
+
+
+def wake_thread_pool(device: str) -> None:
+    """An untimed small parallel op before each timed CPU call. Idle OpenMP workers go to sleep, and the
+    first parallel op after an idle or single-threaded stretch (another contender's long serial run)
+    pays tens of microseconds to wake them; in a model an op follows other multithreaded ops. Done
+    before every contender's call alike."""
+    global _WAKE
+    if device != "cpu":
+        return
+    if _WAKE is None:
+        _WAKE = torch.ones(1 << 18)
+    _WAKE.add_(0.0)
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], device: str, min_runs: int = 15,
                      budget_s: float = 1.0, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each fn; calls are interleaved round-robin."""
+    """Median seconds per call of each fn; calls are interleaved round-robin (the order rotating every
+    round), each after wake_thread_pool."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
     start = time.perf_counter()
+    rnd = 0
     while True:
-        for name, fn in fns.items():
+        # the order rotates every round, so that each contender follows each other one equally often:
+        # the call before leaves its data in the caches and the thread pool in its state
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
             sync(device)
+            wake_thread_pool(device)
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             sync(device)
             samples[name].append(time.perf_counter() - t0)
+        rnd += 1
         runs = len(next(iter(samples.values())))
         if runs >= min_runs and (time.perf_counter() - start > budget_s or runs >= 2000):
             break

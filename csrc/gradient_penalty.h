@@ -25,6 +25,15 @@ inline void check_gradient_penalty(const at::Tensor& grad, double weight, std::o
   TORCH_CHECK_VALUE(!target.has_value() || std::isfinite(*target), op, ": target must be finite or None");
 }
 
+inline void check_gradient_penalty_backward(const at::Tensor& grad_loss, const at::Tensor& grad,
+                                           const at::Tensor& norms, double weight, std::optional<double> target) {
+  check_gradient_penalty(grad, weight, target, "gradient_penalty_backward");
+  TORCH_CHECK_VALUE(norms.scalar_type() == at::kFloat && norms.dim() == 1 && norms.size(0) == grad.size(0),
+                    "gradient_penalty_backward: norms must be float32 [N] = [", grad.size(0), "], got ",
+                    norms.scalar_type(), " ", norms.sizes());
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "gradient_penalty_backward: grad_loss must hold one value");
+}
+
 // The loss from the per-sample norms (float32 [N]): a handful of values, computed with ATen ops.
 inline at::Tensor penalty_from_norms(const at::Tensor& norms, double weight, std::optional<double> target) {
   const auto n = norms.to(at::kDouble);

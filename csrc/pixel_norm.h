@@ -43,4 +43,22 @@ inline void check_pixel_norm_backward(const at::Tensor& grad_y, const at::Tensor
                     " elements on x's device, got ", rstd.scalar_type(), " with ", rstd.numel());
 }
 
+// The backward's operands in the kernel layout (dy brought to x's strides) and its output.
+struct PixelNormBackwardCall {
+  at::Tensor x, dy, rstd, dx;
+  PixelNormShape s;
+};
+
+inline PixelNormBackwardCall prepare_pixel_norm_backward(const at::Tensor& grad_y, const at::Tensor& x_in,
+                                                         const at::Tensor& rstd) {
+  PixelNormBackwardCall c;
+  c.x = to_kernel_layout(x_in);
+  c.s = pixel_norm_shape(c.x, "pixel_norm_backward");
+  check_pixel_norm_backward(grad_y, c.x, rstd, c.s);
+  c.dy = grad_y.strides() == c.x.strides() ? grad_y : at::empty_like(c.x).copy_(grad_y);
+  c.rstd = rstd.contiguous();
+  c.dx = at::empty_like(c.x);
+  return c;
+}
+
 }  // namespace genkern

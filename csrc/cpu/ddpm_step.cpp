@@ -170,6 +170,14 @@ struct Ptrs {
 };
 
 template <typename T>
+void prefetch_block(const Ptrs<T>& p, int64_t begin, int64_t end) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (const T* q : {p.m, p.mc, p.x, p.mask, p.known})
+    if (q)
+      for (int64_t i = begin; i < end; i += kLine) __builtin_prefetch(q + i);
+}
+
+template <typename T>
 void ddpm_step_block(const DdpmStepCoefs& c, const Ptrs<T>& p, const float* zbuf, int64_t begin, int64_t end) {
   using IO = VecIO<T>;
   const Vec w(c.w), k_x0(c.k_x0), k_z(c.k_z);
@@ -238,7 +246,12 @@ at::Tensor ddpm_step_cpu(const at::Tensor& model_output, const at::Tensor& sampl
     parallel_blocks(blocks, 16, [&](int64_t b) {
       alignas(64) float zbuf[kBlock];
       const int64_t begin = b * kBlock, end = std::min(n, begin + kBlock);
-      if (call.philox) philox_normal_block(call.seed, call.offset, begin / 4, (end - begin + 3) / 4, zbuf);
+      if (call.philox) {
+        // the noise is pure arithmetic: fetch the block's operands meanwhile, so that the update
+        // after it finds them in L1 even when they come from DRAM
+        prefetch_block(p, begin, end);
+        philox_normal_block(call.seed, call.offset, begin / 4, (end - begin + 3) / 4, zbuf);
+      }
       ddpm_step_block(c, p, call.philox ? zbuf : nullptr, begin, end);
     });
   });

@@ -59,11 +59,7 @@ std::tuple<at::Tensor, at::Tensor> gradient_penalty(const at::Tensor& grad_in, d
 
 at::Tensor gradient_penalty_backward(const at::Tensor& grad_loss, const at::Tensor& grad_in, const at::Tensor& norms,
                                      double weight, std::optional<double> target) {
-  check_gradient_penalty(grad_in, weight, target, "gradient_penalty_backward");
-  TORCH_CHECK_VALUE(norms.scalar_type() == at::kFloat && norms.dim() == 1 && norms.size(0) == grad_in.size(0),
-                    "gradient_penalty_backward: norms must be float32 [N] = [", grad_in.size(0), "], got ",
-                    norms.scalar_type(), " ", norms.sizes());
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "gradient_penalty_backward: grad_loss must hold one value");
+  check_gradient_penalty_backward(grad_loss, grad_in, norms, weight, target);
   const auto strides = elementwise_strides(grad_in);
   const auto g = to_strides(grad_in, strides);
   auto dg = at::empty_strided(g.sizes(), strides, g.options());

@@ -188,12 +188,10 @@ std::tuple<at::Tensor, at::Tensor> pixel_norm(const at::Tensor& x_in, double eps
 }
 
 at::Tensor pixel_norm_backward(const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& rstd_in) {
-  const auto x = to_kernel_layout(x_in);
-  const auto s = pixel_norm_shape(x, "pixel_norm_backward");
-  check_pixel_norm_backward(grad_y, x, rstd_in, s);
-  const auto dy = grad_y.strides() == x.strides() ? grad_y : at::empty_like(x).copy_(grad_y);
-  const auto rstd = rstd_in.contiguous();
-  auto dx = at::empty_like(x);
+  auto call = prepare_pixel_norm_backward(grad_y, x_in, rstd_in);
+  const auto &x = call.x, &dy = call.dy, &rstd = call.rstd;
+  const auto& s = call.s;
+  auto& dx = call.dx;
   if (x.numel() == 0) return dx;
   GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "pixel_norm_backward_cpu", [&] {
     const scalar_t *pg = dy.const_data_ptr<scalar_t>(), *px = x.const_data_ptr<scalar_t>();

@@ -106,12 +106,10 @@ std::tuple<at::Tensor, at::Tensor> pixel_norm_cuda(const at::Tensor& x_in, doubl
 
 at::Tensor pixel_norm_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& rstd_in) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = to_kernel_layout(x_in);
-  const auto s = pixel_norm_shape(x, "pixel_norm_backward");
-  check_pixel_norm_backward(grad_y, x, rstd_in, s);
-  const auto dy = grad_y.strides() == x.strides() ? grad_y : at::empty_like(x).copy_(grad_y);
-  const auto rstd = rstd_in.contiguous();
-  auto dx = at::empty_like(x);
+  auto call = prepare_pixel_norm_backward(grad_y, x_in, rstd_in);
+  const auto &x = call.x, &dy = call.dy, &rstd = call.rstd;
+  const auto& s = call.s;
+  auto& dx = call.dx;
   if (x.numel() == 0) return dx;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool rows = s.channels_last || s.P == 1;

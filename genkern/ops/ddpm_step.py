@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _backend, _extension
+from ._call import call_op
 from .._layout import elementwise_strides, to_strides
 from .. import reference as _reference
 
@@ -206,7 +207,7 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: fl
     if backend == "reference" or sample.dtype not in _KERNEL_DTYPES:
         return _reference.ddpm_step(model_output, sample, *args)
     op = torch.ops.genkern.ddpm_step_triton if backend == "triton" else torch.ops.genkern.ddpm_step
-    return op(model_output, sample, *args)
+    return call_op(op, model_output, sample, *args)
 
 
 def _as_int64(v: int) -> int:
@@ -245,7 +246,7 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, sqrt_alpha_pr
     if backend == "reference" or original_samples.dtype not in _KERNEL_DTYPES:
         return _reference.add_noise(original_samples, noise, *coefs)
     op = torch.ops.genkern.add_noise_triton if backend == "triton" else torch.ops.genkern.add_noise
-    return op(original_samples, noise, *coefs)
+    return call_op(op, original_samples, noise, *coefs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _extension
+from ._call import call_op
 from .._layout import is_channels_last_dense
 from .. import reference as _reference
 from ._double_backward import differentiable_backward
@@ -84,7 +85,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     if backend == "reference" or x.dtype not in _KERNEL_DTYPES:
         return _reference.group_norm_silu(x, num_groups, weight, bias, eps, act)
     op = torch.ops.genkern.group_norm_silu_triton if backend == "triton" else torch.ops.genkern.group_norm_silu
-    return op(x, weight, bias, num_groups, float(eps), act)[0]
+    return call_op(op, x, weight, bias, num_groups, float(eps), act)[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import math
 import torch
 
 from .. import _backend, _extension
+from ._call import call_op
 from .. import reference as _reference
 from ._double_backward import differentiable_backward
 
@@ -48,7 +49,7 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1
     if backend == "reference" or x.dtype not in _KERNEL_DTYPES:
         return _reference.minibatch_stddev(x, group_size, num_channels, eps)
     op = torch.ops.genkern.minibatch_stddev_triton if backend == "triton" else torch.ops.genkern.minibatch_stddev
-    return op(x, group_size, num_channels, float(eps))
+    return call_op(op, x, group_size, num_channels, float(eps))
 
 
 def _format(x):
