@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import genkern
+
+from bench.harness import pytest_benchmark_run
 from genkern.ops.ddpm_step import bytes_moved
 
 OP = "ddpm_step"
@@ -99,11 +101,5 @@ PYTEST_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_ddpm_step(benchmark, impl, case):
     fns, traffic, _ = case_callables({impl: implementations(PYTEST_DEVICE)[impl]}, dtype=torch.float32,
                                      device=PYTEST_DEVICE, **case)
-    benchmark.group = f"{OP} {'x'.join(map(str, case['shape']))}{' cfg' if case['cfg'] else ''}"
-    benchmark.extra_info["bytes_moved"] = traffic
-    fn = fns[impl]
-    if PYTEST_DEVICE == "cuda":
-        def fn(f=fn):
-            f()
-            torch.cuda.synchronize()
-    benchmark.pedantic(fn, rounds=20, warmup_rounds=3)
+    group = f"{OP} {'x'.join(map(str, case['shape']))}{' cfg' if case['cfg'] else ''}"
+    pytest_benchmark_run(benchmark, fns[impl], group, traffic, PYTEST_DEVICE)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import genkern
+
+from bench.harness import pytest_benchmark_run
 from genkern.ops.gradient_penalty import bytes_moved as gp_bytes
 from genkern.ops.minibatch_stddev import bytes_moved as mb_bytes
 from genkern.ops.pixel_norm import bytes_moved as pn_bytes
@@ -134,11 +136,5 @@ def test_gan_ops(benchmark, op, shape, impl, backward):
     mod = OPS[op]
     fns, traffic, _ = mod.case_callables({impl: mod.implementations(PYTEST_DEVICE)[impl]}, shape, torch.float32,
                                          PYTEST_DEVICE, backward=backward)
-    benchmark.group = f"{op} {'x'.join(map(str, shape))} {'fwd+bwd' if backward else 'fwd'}"
-    benchmark.extra_info["bytes_moved"] = traffic
-    fn = fns[impl]
-    if PYTEST_DEVICE == "cuda":
-        def fn(f=fn):
-            f()
-            torch.cuda.synchronize()
-    benchmark.pedantic(fn, rounds=20, warmup_rounds=3)
+    group = f"{op} {'x'.join(map(str, shape))} {'fwd+bwd' if backward else 'fwd'}"
+    pytest_benchmark_run(benchmark, fns[impl], group, traffic, PYTEST_DEVICE)

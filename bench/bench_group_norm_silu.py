@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import genkern
+
+from bench.harness import pytest_benchmark_run
 from genkern.ops.group_norm_silu import bytes_moved
 
 OP = "group_norm_silu"
@@ -102,11 +104,5 @@ PYTEST_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_group_norm_silu(benchmark, impl, backward, shape, G):
     fns, traffic, _ = case_callables({impl: implementations(PYTEST_DEVICE)[impl]}, shape, G, torch.float32,
                                      PYTEST_DEVICE, False, backward)
-    benchmark.group = f"{OP} {'x'.join(map(str, shape))} {'fwd+bwd' if backward else 'fwd'}"
-    benchmark.extra_info["bytes_moved"] = traffic
-    fn = fns[impl]
-    if PYTEST_DEVICE == "cuda":
-        def fn(f=fn):
-            f()
-            torch.cuda.synchronize()
-    benchmark.pedantic(fn, rounds=20, warmup_rounds=3)
+    group = f"{OP} {'x'.join(map(str, shape))} {'fwd+bwd' if backward else 'fwd'}"
+    pytest_benchmark_run(benchmark, fns[impl], group, traffic, PYTEST_DEVICE)

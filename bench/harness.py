@@ -112,3 +112,16 @@ def steady_cpu_allocator() -> bool:
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30))
     except (OSError, AttributeError):
         return False
+
+
+def pytest_benchmark_run(benchmark, fn: Callable[[], object], group: str, traffic: int, device: str) -> None:
+    """One pytest-benchmark case: grouped so each op's contenders sit side by side, bytes-moved recorded,
+    the device synchronised inside the timed call."""
+    benchmark.group = group
+    benchmark.extra_info["bytes_moved"] = traffic
+
+    def timed():
+        fn()
+        sync(device)
+
+    benchmark.pedantic(timed, rounds=20, warmup_rounds=3)
