@@ -14,7 +14,7 @@ import torch
 
 import genkern
 
-from bench.harness import pytest_benchmark_run
+from bench.harness import compiled, pytest_benchmark_run
 from genkern.ops.ddpm_step import bytes_moved
 
 OP = "ddpm_step"
@@ -24,6 +24,10 @@ PASSES = (False,)  # sampling has no backward pass
 QUICK = [dict(shape=(64, 3, 32, 32), cfg=False), dict(shape=(32, 3, 128, 128), cfg=False),
          dict(shape=(8, 4, 64, 64), cfg=True)]
 FULL = QUICK + [dict(shape=(16, 3, 64, 64), cfg=True), dict(shape=(4, 3, 256, 256), cfg=False)]
+# GPU: the 256-image CIFAR-10 batch of the end-to-end run, a latent batch under guidance, and a large
+# memory-bound batch (the roofline yardstick)
+GPU = [dict(shape=(256, 3, 32, 32), cfg=False), dict(shape=(32, 4, 64, 64), cfg=True),
+       dict(shape=(64, 3, 256, 256), cfg=False)]
 
 A_T, A_PREV, W = 0.4, 0.45, 7.5   # alpha_bar at t and t-1 (mid-trajectory), guidance scale
 
@@ -44,8 +48,8 @@ def eager(m, x, cfg):
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_eager():
-    return torch.compile(eager, dynamic=False)
+def compiled_eager(device: str):
+    return compiled(eager, device)
 
 
 def genkern_fn(backend, noise_tensor=False):
@@ -64,7 +68,7 @@ def kernel_backends(device: str) -> list[str]:
 def implementations(device: str, with_compile: bool = True) -> dict:
     impls = {"eager": eager}
     if with_compile:
-        impls["torch.compile"] = compiled_eager()
+        impls["torch.compile"] = compiled_eager(device)
     for be in kernel_backends(device):
         impls[f"genkern[{be}]"] = genkern_fn(be)
         impls[f"genkern[{be}]+randn"] = genkern_fn(be, noise_tensor=True)
@@ -84,8 +88,8 @@ def case_callables(impls, shape, cfg, dtype, device, backward=False, **_):
 
 
 def cases(quick: bool, device: str):
-    dtypes = [torch.float32] if (quick or device == "cpu") else [torch.float32, torch.bfloat16]
-    for c in (QUICK if quick else FULL):
+    dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
+    for c in (GPU if device == "cuda" else QUICK if quick else FULL):
         for dtype in dtypes:
             yield dict(c, dtype=dtype)
 

@@ -12,7 +12,7 @@ import torch
 
 import genkern
 
-from bench.harness import pytest_benchmark_run
+from bench.harness import compiled, pytest_benchmark_run
 from genkern.ops.gradient_penalty import bytes_moved as gp_bytes
 from genkern.ops.minibatch_stddev import bytes_moved as mb_bytes
 from genkern.ops.pixel_norm import bytes_moved as pn_bytes
@@ -43,7 +43,7 @@ def _kernel_backends(device):
 def _impls(eager, fused, device, with_compile):
     impls = {"eager": eager}
     if with_compile:
-        impls["torch.compile"] = _compiled(eager)
+        impls["torch.compile"] = _compiled(eager, device)
     for be in _kernel_backends(device):
         def fn(*a, be=be):
             with genkern.use_backend(be):
@@ -53,8 +53,8 @@ def _impls(eager, fused, device, with_compile):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
+def _compiled(fn, device):
+    return compiled(fn, device)
 
 
 def _callables(impls, x, backward):
@@ -87,14 +87,20 @@ def _dy(y):
 class _Op:
     """The module interface bench/report.py expects, for one GAN op."""
 
-    def __init__(self, name, eager, fused, quick, full, traffic, passes=(False, True)):
-        self.OP, self.eager, self.fused, self.QUICK, self.FULL = name, eager, fused, quick, full
+    def __init__(self, name, eager, fused, quick, full, gpu, traffic, passes=(False, True)):
+        self.OP, self.eager, self.fused, self.QUICK, self.FULL, self.GPU = name, eager, fused, quick, full, gpu
         self.traffic, self.PASSES = traffic, passes
 
     def implementations(self, device, with_compile=True):
         return _impls(self.eager, self.fused, device, with_compile)
 
     def cases(self, quick, device):
+        if device == "cuda":  # the first GPU shape is the large one: both layouts there
+            for k, shape in enumerate(self.GPU):
+                for channels_last in ((False, True) if k == 0 and len(shape) == 4 else (False,)):
+                    for dtype in (torch.float32, torch.bfloat16):
+                        yield dict(shape=shape, dtype=dtype, channels_last=channels_last)
+            return
         for shape in (self.QUICK if quick else self.FULL):
             yield dict(shape=shape, dtype=torch.float32, channels_last=False)
         if not quick:
@@ -110,14 +116,17 @@ class _Op:
 
 pixel_norm = _Op("pixel_norm", eager_pixel_norm, genkern.pixel_norm,
                  quick=[(16, 512, 32, 32), (64, 512, 8, 8)], full=[(16, 512, 32, 32), (64, 512, 8, 8), (64, 512)],
+                 gpu=[(32, 512, 64, 64), (64, 512, 8, 8), (256, 512)],
                  traffic=lambda x, bwd: pn_bytes(x) + (pn_bytes(x, backward=True) if bwd else 0))
 minibatch_stddev = _Op("minibatch_stddev", eager_minibatch_stddev, genkern.minibatch_stddev,
                        quick=[(32, 512, 4, 4), (16, 256, 32, 32)], full=[(32, 512, 4, 4), (16, 256, 32, 32),
                                                                          (64, 512, 8, 8)],
+                       gpu=[(64, 512, 32, 32), (32, 512, 4, 4)],
                        traffic=lambda x, bwd: mb_bytes(x) + (mb_bytes(x, backward=True) if bwd else 0))
 # the penalty part of WGAN-GP given the gradient: forward alone, and forward + backward (what a critic step runs)
 gradient_penalty = _Op("gradient_penalty", eager_penalty, lambda g: genkern.gradient_norm_penalty(g, 10.0, 1.0),
                        quick=[(64, 3, 64, 64)], full=[(64, 3, 64, 64), (64, 3, 128, 128), (32, 3, 256, 256)],
+                       gpu=[(256, 3, 128, 128), (64, 3, 64, 64)],
                        traffic=lambda g, bwd: gp_bytes(g) + (gp_bytes(g, backward=True) if bwd else 0))
 
 OPS = {"pixel_norm": pixel_norm, "minibatch_stddev": minibatch_stddev, "gradient_penalty": gradient_penalty}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import genkern
 
-from bench.harness import pytest_benchmark_run
+from bench.harness import compiled, pytest_benchmark_run
 from genkern.ops.group_norm_silu import bytes_moved
 
 OP = "group_norm_silu"
@@ -20,6 +20,12 @@ OP = "group_norm_silu"
 # Double-Conv U-Net block with one group over C x H x W.
 QUICK = [((16, 128, 32, 32), 32), ((16, 256, 16, 16), 32), ((8, 512, 32, 32), 32)]
 FULL = QUICK + [((8, 64, 64, 64), 1), ((32, 256, 8, 8), 32), ((4, 512, 64, 64), 32)]
+# GPU: a large memory-bound case (the roofline yardstick), the U-Net shapes, and a launch-bound one;
+# (shape, G, channels_last options, dtypes)
+GPU = [((32, 512, 64, 64), 32, (False, True), (torch.float32, torch.bfloat16)),
+       ((16, 128, 32, 32), 32, (False, True), (torch.float32, torch.bfloat16)),
+       ((8, 512, 32, 32), 32, (False,), (torch.float32, torch.bfloat16)),
+       ((16, 256, 16, 16), 32, (False,), (torch.float32,))]
 
 
 def kernel_backends(device: str) -> list[str]:
@@ -32,8 +38,8 @@ def eager(x, G, w, b):
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_eager():
-    return torch.compile(eager, dynamic=False)
+def compiled_eager(device: str):
+    return compiled(eager, device)
 
 
 def genkern_fn(backend):
@@ -46,7 +52,7 @@ def genkern_fn(backend):
 def implementations(device: str, with_compile: bool = True) -> dict:
     impls = {"eager": eager}
     if with_compile:
-        impls["torch.compile"] = compiled_eager()
+        impls["torch.compile"] = compiled_eager(device)
     for be in kernel_backends(device):
         impls[f"genkern[{be}]"] = genkern_fn(be)
     return impls
@@ -83,6 +89,12 @@ def case_callables(impls, shape, G, dtype, device, channels_last, backward):
 
 
 def cases(quick: bool, device: str):
+    if device == "cuda":
+        for shape, G, layouts, dtypes in GPU:
+            for channels_last in layouts:
+                for dtype in dtypes:
+                    yield dict(shape=shape, G=G, dtype=dtype, channels_last=channels_last)
+        return
     dtypes = [torch.float32] if (quick or device == "cpu") else [torch.float32, torch.bfloat16]
     for shape, G in (QUICK if quick else FULL):
         for channels_last in ([False] if quick else [False, True]):

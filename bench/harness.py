@@ -34,11 +34,19 @@ def wake_thread_pool(device: str) -> None:
 def time_interleaved(fns: dict[str, Callable[[], object]], device: str, min_runs: int = 15,
                      budget_s: float = 1.0, warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each fn; calls are interleaved round-robin (the order rotating every
-    round), each after wake_thread_pool."""
+    round). On CPU each sample is one call, after wake_thread_pool. On CUDA each sample is a burst of
+    back-to-back calls between two CUDA events, sized to take about a millisecond, so that a small
+    kernel's time is its launch-to-launch time (what a model running it in a loop sees) and not the
+    host's synchronisation latency."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
+    reps = {k: 1 for k in fns}
+    if device == "cuda":
+        for name, fn in fns.items():
+            t = _cuda_burst(fn, 3) / 3
+            reps[name] = max(1, min(200, int(1e-3 / max(t, 1e-7))))
     samples: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     start = time.perf_counter()
@@ -47,6 +55,9 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, min_runs
         # the order rotates every round, so that each contender follows each other one equally often:
         # the call before leaves its data in the caches and the thread pool in its state
         for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            if device == "cuda":
+                samples[name].append(_cuda_burst(fns[name], reps[name]) / reps[name])
+                continue
             sync(device)
             wake_thread_pool(device)
             t0 = time.perf_counter()
@@ -58,6 +69,32 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, min_runs
         if runs >= min_runs and (time.perf_counter() - start > budget_s or runs >= 2000):
             break
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _cuda_burst(fn: Callable[[], object], reps: int) -> float:
+    """Seconds for `reps` back-to-back calls, timed with CUDA events."""
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
+
+
+def compiled(fn: Callable, device: str) -> Callable:
+    """torch.compile of an eager contender, as fairly as Inductor allows: on CUDA the autotuning mode
+    (without CUDA graphs, which the other contenders do not get), on CPU the default. Every case is
+    compiled for its own static shapes, so the recompile limit is lifted."""
+    import torch._dynamo.config as dynamo_config
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, knob):
+            setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 512))
+    if hasattr(dynamo_config, "accumulated_recompile_limit"):
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+    mode = "max-autotune-no-cudagraphs" if device == "cuda" else None
+    return torch.compile(fn, dynamic=False, mode=mode)
 
 
 def nbytes(*tensors: torch.Tensor | None) -> int:

@@ -3,24 +3,60 @@
 # against the torch already installed, run the whole test suite on the GPU (CUDA C++ and Triton,
 # real Triton, not the interpreter), then the benchmark report. Logs and results go to $1.
 #   bash scripts/gpu_check.sh OUT_DIR        (or: make gpu-check OUT=OUT_DIR)
+# Knobs (environment):
+#   STAGES        which stages to run, in order (default "build tests bench"; also "e2e")
+#   BENCH_ARGS    extra arguments for `python -m bench` (e.g. --no-compile, --ops group_norm_silu)
+#   TEST_ARGS     extra arguments for pytest (e.g. -k cuda)
+#   TEST_WORKERS  pytest-xdist workers when xdist is installed (default 8)
+#   TEST_TIMEOUT, BENCH_TIMEOUT  seconds per stage (default 480 each)
+#   E2E_ARGS      arguments for `python -m bench.e2e` (default: the issue's 256-image cifar10 run)
+# Output (at most 8 files): env.txt build.log tests.log bench.log cuda.{json,md,png} e2e.log
 set -uo pipefail
-out=${1:-gpu_check_out}
-mkdir -p "$out"
+out=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-{
-  echo "date: $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  nvcc --version | tail -1
-} | tee "$out/env.txt"
+PY=${PYTHON:-python3}
+STAGES=${STAGES:-build tests bench}
+export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 status=0
-GENKERN_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -e . --no-build-isolation --no-deps -v > "$out/build.log" 2>&1 \
-  || { echo "BUILD FAILED (see $out/build.log)"; tail -40 "$out/build.log"; exit 1; }
-cat genkern/_build_info.json | tee -a "$out/env.txt"
-$PY -m pytest tests -q -ra -p no:cacheprovider --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1 || status=1
-tail -25 "$out/tests.log"
-$PY -m bench --out "$out" ${BENCH_ARGS:-} > "$out/bench.log" 2>&1 || status=1
-tail -40 "$out/bench.log"
+{
+  echo "date: $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>&1
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvcc --version | tail -1
+  nproc
+} > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+for stage in $STAGES; do
+  t0=$SECONDS
+  case $stage in
+    build)
+      GENKERN_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -e . --no-build-isolation --no-deps -v \
+        > "$out/build.log" 2>&1 || { echo "BUILD FAILED (see build.log)"; tail -60 "$out/build.log"; exit 1; }
+      cat genkern/_build_info.json >> "$out/env.txt"
+      $PY -c "import genkern; print(genkern.backends(include_unavailable=True))" 2>&1 | tee -a "$out/env.txt"
+      ;;
+    tests)
+      xdist=()
+      $PY -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}")
+      timeout=()
+      $PY -c "import pytest_timeout" 2>/dev/null && timeout=(--timeout 300)
+      timeout ${TEST_TIMEOUT:-480} $PY -m pytest tests -q -ra -p no:cacheprovider "${xdist[@]}" "${timeout[@]}" ${TEST_ARGS:-} \
+        > "$out/tests.log" 2>&1 || status=1
+      grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
+      tail -3 "$out/tests.log"
+      ;;
+    bench)
+      timeout ${BENCH_TIMEOUT:-480} $PY -m bench --out "$out" ${BENCH_ARGS:-} > "$out/bench.log" 2>&1 || status=1
+      grep -v "bench:" "$out/bench.log" | tail -80
+      ;;
+    e2e)
+      $PY -m bench.e2e --device cuda ${E2E_ARGS:-} > "$out/e2e.log" 2>&1 || status=1
+      tail -40 "$out/e2e.log"
+      ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+  echo "== $stage: $((SECONDS - t0)) s"
+done
 exit $status
