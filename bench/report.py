@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import sys
 
 import torch
@@ -47,13 +48,32 @@ def run(ops, device, quick, with_compile, budget_s):
     plan = [(op, case, backward) for op in ops for case in OPS[op].cases(quick, device)
             for backward in getattr(OPS[op], "PASSES", (False, True))]
     bar = _progress(len(plan))
-    rows = []
+    rows, errors = [], []
     impls = {op: OPS[op].implementations(device, with_compile) for op in ops}
+    try:
+        _run_plan(plan, impls, device, budget_s, bar, rows, errors)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a time limit): keep and write what was measured
+        errors.append(dict(case="-", impl="-", error="interrupted: the cases after this were not run"))
+    bar.close()
+    return rows, errors
+
+
+def _run_plan(plan, impls, device, budget_s, bar, rows, errors):
     for op, case, backward in plan:
         mod = OPS[op]
         label = f"{op} {_fmt_shape(case['shape'])} {'fwd+bwd' if backward else 'fwd'}"
         bar.set_postfix_str(label)
         fns, traffic, tensors = mod.case_callables(impls[op], device=device, backward=backward, **case)
+        for name in list(fns):  # a contender that fails is reported and left out, not the whole run
+            try:
+                fns[name]()
+            except Exception as e:  # noqa: BLE001
+                errors.append(dict(case=label, impl=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+                print(f"\n{label} {name} FAILED: {errors[-1]['error']}", file=sys.stderr, flush=True)
+                del fns[name]
+        if "eager" not in fns:
+            bar.update(1)
+            continue
         times = time_interleaved(fns, device, budget_s=budget_s)
         copy_bw = copy_bandwidth(nbytes(tensors[0]), device)
         eager_t, compile_t = times["eager"], times.get("torch.compile")
@@ -71,8 +91,6 @@ def run(ops, device, quick, with_compile, budget_s):
                 vs_compile=(compile_t / t) if compile_t else None,
                 saved_mb=None if saved is None else saved / 2**20))
         bar.update(1)
-    bar.close()
-    return rows
 
 
 COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("layout", "layout", "{}"), ("dtype", "dtype", "{}"),
@@ -151,6 +169,7 @@ def main(argv=None):
                    help="leave glibc malloc as it is (default: keep freed memory, see harness.steady_cpu_allocator)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     steady = False if args.raw_allocator else steady_cpu_allocator()
     ops = [o for o in args.ops.split(",") if o]
     unknown = [o for o in ops if o not in OPS]
@@ -160,13 +179,15 @@ def main(argv=None):
     env["steady_cpu_allocator"] = steady
     print(f"genkern bench on {env['device_name']}: torch {env['torch']}, triton {env['triton']}, "
           f"backends {env['backends']}", flush=True)
-    rows = run(ops, args.device, not args.full, not args.no_compile, args.budget)
+    rows, errors = run(ops, args.device, not args.full, not args.no_compile, args.budget)
     text = table_text(rows)
     print(text)
+    for e in errors:
+        print(f"FAILED: {e['case']} {e['impl']}: {e['error']}")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.device)
     with open(stem + ".json", "w") as f:
-        json.dump(dict(environment=env, rows=rows), f, indent=1)
+        json.dump(dict(environment=env, rows=rows, errors=errors), f, indent=1)
     title = f"genkern on {env['device_name']} ({env['date']}, torch {env['torch']})"
     with open(stem + ".md", "w") as f:
         f.write(f"# {title}\n\nGB/s from each op's bytes-moved model; % copy = that over a device copy of the "
@@ -174,6 +195,10 @@ def main(argv=None):
                 f"Steady CPU allocator: {steady}.\n\n")
         f.write(table_markdown(rows) + "\n")
     made_png = chart(rows, stem + ".png", title)
+    if errors:
+        with open(stem + ".md", "a") as f:
+            f.write("\nFailed contenders:\n\n" + "\n".join(f"- {e['case']} {e['impl']}: {e['error']}"
+                                                          for e in errors) + "\n")
     print(f"\nwrote {stem}.json, {stem}.md" + (f", {stem}.png" if made_png else ""))
 
 

@@ -10,6 +10,11 @@ if not torch.cuda.is_available():
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Tests compare against float64 references: no TF32 in the convolutions and matmuls of the test models
+# (cuDNN uses it by default, and its rounding, 1e-3 relative, differs between layouts and algorithms).
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")

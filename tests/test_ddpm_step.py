@@ -189,7 +189,7 @@ def test_in_kernel_noise_step(backend, device):
     with genkern.use_backend(backend):
         out = genkern.ddpm_step(m, x, 0.3, 0.35, seed=123, offset=250)
         last = genkern.ddpm_step(m, x, 0.3, 0.35, seed=123, offset=250, last_step=True)
-    z = philox_normal(SHAPE, 123, 250, dtype=torch.float64)
+    z = philox_normal(SHAPE, 123, 250, dtype=torch.float64).to(device)
     assert_close(out, eager_step(m, x, 0.3, 0.35, method="ddpm", z=z), torch.float32, "seeded step", scale=3.0)
     assert_close(last, eager_step(m, x, 0.3, 0.35, method="ddpm", last=True), torch.float32, "last", scale=3.0)
 
@@ -215,7 +215,7 @@ def test_add_noise(backend, device, dtype):
     require_backend(backend, device)
     x0 = torch.randn(4, 3, 5, 6, device=device, dtype=dtype).to(memory_format=torch.channels_last)
     z = torch.randn(4, 3, 5, 6, device=device, dtype=dtype)
-    abar = torch.tensor([0.9, 0.5, 0.1, 0.01], dtype=torch.float64)
+    abar = torch.tensor([0.9, 0.5, 0.1, 0.01], dtype=torch.float64, device=device)
     with genkern.use_backend(backend):
         out = genkern.add_noise(x0, z, abar.sqrt().float(), (1 - abar).sqrt().float())
     ref = abar.sqrt().view(-1, 1, 1, 1) * x0.double() + (1 - abar).sqrt().view(-1, 1, 1, 1) * z.double()

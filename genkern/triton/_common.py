@@ -34,10 +34,10 @@ def next_pow2(n: int) -> int:
 
 
 # Philox4x32-10 + Box-Muller: the stream of csrc/philox.h (definition: genkern/reference/philox.py).
-_PHILOX_M0: tl.constexpr = 0xD2511F53
-_PHILOX_M1: tl.constexpr = 0xCD9E8D57
-_PHILOX_W0: tl.constexpr = 0x9E3779B9
-_PHILOX_W1: tl.constexpr = 0xBB67AE85
+_PHILOX_M0 = tl.constexpr(0xD2511F53)
+_PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+_PHILOX_W0 = tl.constexpr(0x9E3779B9)
+_PHILOX_W1 = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit

@@ -86,7 +86,7 @@ def _apply(x_ptr, y_ptr, w_ptr, b_ptr, part_ptr, mean_ptr, rstd_ptr, HW, C, D, G
         km = kk < n_chunks
         t1 += tl.load(part_ptr + (ng * n_chunks + kk) * 2, mask=km, other=0.0)
         t2 += tl.load(part_ptr + (ng * n_chunks + kk) * 2 + 1, mask=km, other=0.0)
-    count = (HW * D).to(tl.float32)
+    count = HW * 1.0 * D  # HW and D may arrive as Python ints (Triton specialises 1s)
     m = tl.sum(t1, 0) / count
     var = tl.maximum(tl.sum(t2, 0) / count - m * m, 0.0)
     mean = tl.load(x_ptr + base).to(tl.float32) + m
