@@ -60,6 +60,112 @@ Geometry make_geometry(const GroupNormShape& s) {
   return g;
 }
 
+// ---- NCHW fast path -----------------------------------------------------------------------------
+// In NCHW a group is one contiguous run of D*HW elements. When HW is a multiple of the 16-byte vector
+// width, every vector lies inside one channel, so the kernels read and write 16 bytes per access and
+// index with 32-bit flat offsets (the generic kernels' per-element 64-bit division held them to ~40%
+// of copy bandwidth on an H100). Same stats layout as the generic path: partial sums shifted by x[base].
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+struct FlatGeometry {
+  int len, chunk, n_chunks, HW, G, D;
+};
+
+bool use_flat(const GroupNormShape& s, const at::Tensor& x) {
+  const int64_t vec = 16 / x.element_size();
+  return !s.channels_last && s.HW % vec == 0 && s.D * s.HW < (int64_t{1} << 30) &&
+         reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+}
+
+FlatGeometry make_flat_geometry(const GroupNormShape& s, int64_t vec) {
+  FlatGeometry g;
+  g.len = static_cast<int>(s.D * s.HW);
+  const int64_t need = (g.len + kMaxChunks - 1) / kMaxChunks;
+  g.chunk = static_cast<int>(std::max<int64_t>(kChunkElems, (need + vec - 1) / vec * vec));
+  g.n_chunks = (g.len + g.chunk - 1) / g.chunk;
+  g.HW = static_cast<int>(s.HW);
+  g.G = static_cast<int>(s.G);
+  g.D = static_cast<int>(s.D);
+  return g;
+}
+
+template <typename T>
+__global__ void stats_flat_kernel(const T* __restrict__ x, float* __restrict__ part, FlatGeometry g) {
+  constexpr int V = Pack<T>::N;
+  __shared__ float scratch[kThreads / kWarp];
+  const int64_t ng = blockIdx.x;
+  const T* xg = x + ng * g.len;
+  const float pivot = static_cast<float>(xg[0]);
+  const int lo = blockIdx.y * g.chunk, hi = min(g.len, lo + g.chunk);
+  float s1 = 0.f, s2 = 0.f;
+#pragma unroll 4
+  for (int i = lo + threadIdx.x * V; i < hi; i += kThreads * V) {
+    const Pack<T> p = *reinterpret_cast<const Pack<T>*>(xg + i);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float v = static_cast<float>(p.v[j]) - pivot;
+      s1 += v;
+      s2 += v * v;
+    }
+  }
+  s1 = block_sum(s1, scratch);
+  s2 = block_sum(s2, scratch);
+  if (threadIdx.x == 0) {
+    part[(ng * g.n_chunks + blockIdx.y) * 2] = s1;
+    part[(ng * g.n_chunks + blockIdx.y) * 2 + 1] = s2;
+  }
+}
+
+// The group's mean and rstd from its chunks' shifted partial sums (every block of the group does it).
+__device__ __forceinline__ void combine_stats(const float* __restrict__ part, int64_t ng, int n_chunks, float count,
+                                              float pivot, float eps, float* scratch, float& mean, float& rstd) {
+  float t1 = 0.f, t2 = 0.f;
+  for (int j = threadIdx.x; j < n_chunks; j += blockDim.x) {
+    t1 += part[(ng * n_chunks + j) * 2];
+    t2 += part[(ng * n_chunks + j) * 2 + 1];
+  }
+  t1 = block_sum(t1, scratch);
+  t2 = block_sum(t2, scratch);
+  const float m = t1 / count;
+  mean = pivot + m;
+  rstd = rsqrtf(fmaxf(t2 / count - m * m, 0.f) + eps);
+}
+
+template <typename T, Activation A>
+__global__ void apply_flat_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                                  const float* __restrict__ b, const float* __restrict__ part,
+                                  float* __restrict__ mean_out, float* __restrict__ rstd_out, FlatGeometry g,
+                                  float eps) {
+  constexpr int V = Pack<T>::N;
+  __shared__ float scratch[kThreads / kWarp];
+  const int64_t ng = blockIdx.x;
+  const T* xg = x + ng * g.len;
+  T* yg = y + ng * g.len;
+  float mean, rstd;
+  combine_stats(part, ng, g.n_chunks, static_cast<float>(g.len), static_cast<float>(xg[0]), eps, scratch, mean, rstd);
+  if (blockIdx.y == 0 && threadIdx.x == 0) {
+    mean_out[ng] = mean;
+    rstd_out[ng] = rstd;
+  }
+  const int c0 = static_cast<int>(ng % g.G) * g.D;
+  const int lo = blockIdx.y * g.chunk, hi = min(g.len, lo + g.chunk);
+#pragma unroll 4
+  for (int i = lo + threadIdx.x * V; i < hi; i += kThreads * V) {
+    const int c = c0 + i / g.HW;
+    const float a = rstd * w[c], bb = b[c];
+    const Pack<T> p = *reinterpret_cast<const Pack<T>*>(xg + i);
+    Pack<T> o;
+#pragma unroll
+    for (int j = 0; j < V; ++j) o.v[j] = static_cast<T>(Act<A>::f((static_cast<float>(p.v[j]) - mean) * a + bb));
+    *reinterpret_cast<Pack<T>*>(yg + i) = o;
+  }
+}
+
+// ---- generic path (any layout, any HW) --------------------------------------------------------------
 template <typename T>
 __global__ void stats_kernel(const T* __restrict__ x, float* __restrict__ part, Geometry g) {
   __shared__ float scratch[kThreads / kWarp];
@@ -86,16 +192,9 @@ __global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, const f
                              float* __restrict__ mean_out, float* __restrict__ rstd_out, Geometry g, float eps) {
   __shared__ float scratch[kThreads / kWarp];
   const int64_t ng = blockIdx.x, base = g.base(ng), L = g.pixels(), c0 = (ng % g.G) * g.D;
-  float t1 = 0.f, t2 = 0.f;
-  for (int j = threadIdx.x; j < g.n_chunks; j += blockDim.x) {
-    t1 += part[(ng * g.n_chunks + j) * 2];
-    t2 += part[(ng * g.n_chunks + j) * 2 + 1];
-  }
-  t1 = block_sum(t1, scratch);
-  t2 = block_sum(t2, scratch);
-  const float count = static_cast<float>(g.HW * g.D), m = t1 / count;
-  const float mean = static_cast<float>(x[base]) + m;
-  const float rstd = rsqrtf(fmaxf(t2 / count - m * m, 0.f) + eps);
+  float mean, rstd;
+  combine_stats(part, ng, g.n_chunks, static_cast<float>(g.HW * g.D), static_cast<float>(x[base]), eps, scratch,
+                mean, rstd);
   if (blockIdx.y == 0 && threadIdx.x == 0) {
     mean_out[ng] = mean;
     rstd_out[ng] = rstd;
@@ -175,10 +274,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(
   ForwardCall c = prepare_forward(x_in, weight, bias, num_groups, eps, activation);
   if (c.x.numel() == 0) return {c.y, c.mean, c.rstd};
   const at::Tensor w = param_or(weight, c.x, 1.f), b = param_or(bias, c.x, 0.f);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (use_flat(c.s, c.x)) {
+    const FlatGeometry geo = make_flat_geometry(c.s, 16 / c.x.element_size());
+    at::Tensor part = at::empty({c.s.N * c.s.G, geo.n_chunks, 2}, c.x.options().dtype(at::kFloat));
+    const dim3 grid(static_cast<unsigned>(c.s.N * c.s.G), geo.n_chunks);
+    GENKERN_DISPATCH_FLOAT_TYPES(c.x.scalar_type(), "group_norm_silu_cuda", [&] {
+      stats_flat_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(c.x.const_data_ptr<scalar_t>(),
+                                                                 part.mutable_data_ptr<float>(), geo);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_activation(c.act, [&](auto a) {
+        constexpr Activation A = decltype(a)::value;
+        apply_flat_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
+            c.x.const_data_ptr<scalar_t>(), c.y.mutable_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
+            b.const_data_ptr<float>(), part.const_data_ptr<float>(), c.mean.mutable_data_ptr<float>(),
+            c.rstd.mutable_data_ptr<float>(), geo, static_cast<float>(eps));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    return {c.y, c.mean, c.rstd};
+  }
   const Geometry geo = make_geometry(c.s);
   at::Tensor part = at::empty({c.s.N * c.s.G, geo.n_chunks, 2}, c.x.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(c.s.N * c.s.G), geo.n_chunks);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   GENKERN_DISPATCH_FLOAT_TYPES(c.x.scalar_type(), "group_norm_silu_cuda", [&] {
     stats_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(c.x.const_data_ptr<scalar_t>(),
                                                           part.mutable_data_ptr<float>(), geo);
