@@ -9,6 +9,7 @@
 #   TEST_ARGS     extra arguments for pytest (e.g. -k cuda)
 #   TEST_WORKERS  pytest-xdist workers when xdist is installed (default 8)
 #   TEST_TIMEOUT, BENCH_TIMEOUT  seconds per stage (default 480 each)
+#   GENKERN_CXX  the C++ compiler (default /usr/bin/g++ when present, see the build stage)
 #   E2E_ARGS      arguments for `python -m bench.e2e` (default: the issue's 256-image cifar10 run)
 # Output (at most 8 files): env.txt build.log tests.log bench.log cuda.{json,md,png} e2e.log
 set -uo pipefail
@@ -32,6 +33,14 @@ for stage in $STAGES; do
   t0=$SECONDS
   case $stage in
     build)
+      # The GPU image's default CXX (/opt/gcc/bin/g++, a wrapper) put its own copy of libstdc++'s
+      # stream code into genkern/_C.so: the first error message formatted there (a C++ TORCH_CHECK)
+      # crashed in std::ostream (seen on an H100 machine, 2026-11-22). The distribution's compiler
+      # links libstdc++ dynamically, as torch does.
+      for cc in /usr/bin/g++ /usr/bin/c++; do
+        if [ -z "${GENKERN_CXX:-}" ] && [ -x "$cc" ]; then GENKERN_CXX=$cc; fi
+      done
+      if [ -n "${GENKERN_CXX:-}" ]; then export CXX=$GENKERN_CXX CC=${GENKERN_CC:-/usr/bin/gcc}; fi
       GENKERN_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -e . --no-build-isolation --no-deps -v \
         > "$out/build.log" 2>&1 || { echo "BUILD FAILED (see build.log)"; tail -60 "$out/build.log"; exit 1; }
       cat genkern/_build_info.json >> "$out/env.txt"
