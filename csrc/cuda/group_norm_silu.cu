@@ -94,7 +94,7 @@ FlatGeometry make_flat_geometry(const GroupNormShape& s, int64_t vec) {
 }
 
 template <typename T>
-__global__ void stats_flat_kernel(const T* __restrict__ x, float* __restrict__ part, FlatGeometry g) {
+__global__ void stats_kernel(const T* __restrict__ x, float* __restrict__ part, FlatGeometry g) {
   constexpr int V = Pack<T>::N;
   __shared__ float scratch[kThreads / kWarp];
   const int64_t ng = blockIdx.x;
@@ -136,7 +136,7 @@ __device__ __forceinline__ void combine_stats(const float* __restrict__ part, in
 }
 
 template <typename T, Activation A>
-__global__ void apply_flat_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+__global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
                                   const float* __restrict__ b, const float* __restrict__ part,
                                   float* __restrict__ mean_out, float* __restrict__ rstd_out, FlatGeometry g,
                                   float eps) {
@@ -267,36 +267,12 @@ __global__ void grad_apply_kernel(const T* __restrict__ dy, const T* __restrict_
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(
-    const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    int64_t num_groups, double eps, c10::string_view activation) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  ForwardCall c = prepare_forward(x_in, weight, bias, num_groups, eps, activation);
-  if (c.x.numel() == 0) return {c.y, c.mean, c.rstd};
-  const at::Tensor w = param_or(weight, c.x, 1.f), b = param_or(bias, c.x, 0.f);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (use_flat(c.s, c.x)) {
-    const FlatGeometry geo = make_flat_geometry(c.s, 16 / c.x.element_size());
-    at::Tensor part = at::empty({c.s.N * c.s.G, geo.n_chunks, 2}, c.x.options().dtype(at::kFloat));
-    const dim3 grid(static_cast<unsigned>(c.s.N * c.s.G), geo.n_chunks);
-    GENKERN_DISPATCH_FLOAT_TYPES(c.x.scalar_type(), "group_norm_silu_cuda", [&] {
-      stats_flat_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(c.x.const_data_ptr<scalar_t>(),
-                                                                 part.mutable_data_ptr<float>(), geo);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dispatch_activation(c.act, [&](auto a) {
-        constexpr Activation A = decltype(a)::value;
-        apply_flat_kernel<scalar_t, A><<<grid, kThreads, 0, stream>>>(
-            c.x.const_data_ptr<scalar_t>(), c.y.mutable_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-            b.const_data_ptr<float>(), part.const_data_ptr<float>(), c.mean.mutable_data_ptr<float>(),
-            c.rstd.mutable_data_ptr<float>(), geo, static_cast<float>(eps));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-    return {c.y, c.mean, c.rstd};
-  }
-  const Geometry geo = make_geometry(c.s);
+// stats then apply; the kernels are overloaded on the geometry (FlatGeometry: the NCHW fast path).
+template <typename Geo>
+void launch_forward(const ForwardCall& c, const at::Tensor& w, const at::Tensor& b, const Geo& geo, double eps) {
   at::Tensor part = at::empty({c.s.N * c.s.G, geo.n_chunks, 2}, c.x.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(c.s.N * c.s.G), geo.n_chunks);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   GENKERN_DISPATCH_FLOAT_TYPES(c.x.scalar_type(), "group_norm_silu_cuda", [&] {
     stats_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(c.x.const_data_ptr<scalar_t>(),
                                                           part.mutable_data_ptr<float>(), geo);
@@ -310,6 +286,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    int64_t num_groups, double eps, c10::string_view activation) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  ForwardCall c = prepare_forward(x_in, weight, bias, num_groups, eps, activation);
+  if (c.x.numel() == 0) return {c.y, c.mean, c.rstd};
+  const at::Tensor w = param_or(weight, c.x, 1.f), b = param_or(bias, c.x, 0.f);
+  if (use_flat(c.s, c.x)) {
+    launch_forward(c, w, b, make_flat_geometry(c.s, 16 / c.x.element_size()), eps);
+  } else {
+    launch_forward(c, w, b, make_geometry(c.s), eps);
+  }
   return {c.y, c.mean, c.rstd};
 }
 
