@@ -90,6 +90,20 @@ def test_matches_float64_reference(backend, device, shape, G, dtype, channels_la
     check(backend, device, shape, G, dtype, channels_last, "silu")
 
 
+# Groups large enough that the GPU kernels split each one across blocks: across a thread-block
+# cluster of 2 to 8 CTAs (the one-pass Hopper path), or across chunks of the two-pass path when a
+# group exceeds what a cluster holds (the last shape). Too large for the Triton interpreter.
+LARGE = [((2, 32, 64, 64), 1), ((1, 64, 32, 32), 4), ((3, 96, 16, 16), 2), ((1, 256, 64, 64), 1)]
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKENDS if p.id != "triton-interpret"])
+@pytest.mark.parametrize("shape,G", LARGE, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_large_groups(backend, device, shape, G, dtype, channels_last):
+    check(backend, device, shape, G, dtype, channels_last, "silu")
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("act", ["gelu", "none"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])

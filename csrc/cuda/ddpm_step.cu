@@ -1,6 +1,7 @@
 // ddpm_step and add_noise on CUDA. Maths and checks in csrc/ddpm_step.h, the noise in csrc/philox.h.
 // One thread owns one Philox group: 4 consecutive elements of memory, so one Philox call gives
-// exactly the 4 normals it needs and the noise never touches memory. 64-bit indices throughout.
+// exactly the 4 normals it needs and the noise never touches memory, and (when the size and the
+// pointers allow) every tensor is read and written with one vector access per group. 64-bit indices.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,25 +22,68 @@ struct Ptrs {
   T* out;
 };
 
+// Four consecutive elements as one 16-byte (fp32) or 8-byte (fp16/bf16) access.
 template <typename T>
+struct alignas(4 * sizeof(T)) Quad {
+  T v[4];
+};
+
+// Elements [4g, 4g + 4) of t as floats; kVec: one vector access (needs n % 4 == 0 and aligned
+// pointers), else scalar accesses up to n.
+template <bool kVec, typename T>
+__device__ __forceinline__ void load4(const T* t, int64_t g, int64_t n, float (&o)[4]) {
+  if (kVec) {
+    const Quad<T> q = reinterpret_cast<const Quad<T>*>(t)[g];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) o[k] = static_cast<float>(q.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) o[k] = 4 * g + k < n ? static_cast<float>(t[4 * g + k]) : 0.f;
+  }
+}
+
+template <bool kVec, typename T>
+__device__ __forceinline__ void store4(T* t, int64_t g, int64_t n, const float (&o)[4]) {
+  if (kVec) {
+    Quad<T> q;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) q.v[k] = static_cast<T>(o[k]);
+    reinterpret_cast<Quad<T>*>(t)[g] = q;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (4 * g + k < n) t[4 * g + k] = static_cast<T>(o[k]);
+  }
+}
+
+template <typename T, bool kVec>
 __global__ void ddpm_step_kernel(DdpmStepCoefs c, Ptrs<T> p, int64_t n, bool philox, uint64_t seed,
                                  uint64_t offset) {
   const int64_t groups = (n + 3) / 4;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float z[4] = {0.f, 0.f, 0.f, 0.f};
-    if (philox) philox_normal4(seed, offset, static_cast<uint64_t>(g), z);
+    float z[4] = {0.f, 0.f, 0.f, 0.f}, m[4], mc[4], x[4], y[4];
+    if (p.noise) {
+      load4<kVec>(p.noise, g, n, z);
+    } else if (philox) {
+      philox_normal4(seed, offset, static_cast<uint64_t>(g), z);
+    }
+    load4<kVec>(p.m, g, n, m);
+    load4<kVec>(p.x, g, n, x);
+    if (c.cfg) load4<kVec>(p.mc, g, n, mc);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int64_t i = 4 * g + k;
-      if (i >= n) break;
-      float m = static_cast<float>(p.m[i]);
-      if (c.cfg) m += c.w * (static_cast<float>(p.mc[i]) - m);
-      const float zi = p.noise ? static_cast<float>(p.noise[i]) : z[k];
-      float y = ddpm_step_unknown(c, m, static_cast<float>(p.x[i]), zi);
-      if (c.masked) y += static_cast<float>(p.mask[i]) * (c.k_x0 * static_cast<float>(p.known[i]) + c.k_z * zi - y);
-      p.out[i] = static_cast<T>(y);
+      if (c.cfg) m[k] += c.w * (mc[k] - m[k]);
+      y[k] = ddpm_step_unknown(c, m[k], x[k], z[k]);
     }
+    if (c.masked) {
+      float mask[4], known[4];
+      load4<kVec>(p.mask, g, n, mask);
+      load4<kVec>(p.known, g, n, known);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) y[k] += mask[k] * (c.k_x0 * known[k] + c.k_z * z[k] - y[k]);
+    }
+    store4<kVec>(p.out, g, n, y);
   }
 }
 
@@ -81,8 +125,20 @@ at::Tensor ddpm_step_cuda(const at::Tensor& model_output, const at::Tensor& samp
     p.mask = call.coefs.masked ? call.mask.const_data_ptr<scalar_t>() : nullptr;
     p.known = call.coefs.masked ? call.known.const_data_ptr<scalar_t>() : nullptr;
     p.out = call.out.mutable_data_ptr<scalar_t>();
-    ddpm_step_kernel<scalar_t><<<grid_for((n + 3) / 4), kThreads, 0, stream>>>(call.coefs, p, n, call.philox,
-                                                                               call.seed, call.offset);
+    bool vec = n % 4 == 0;
+    for (const void* q : {static_cast<const void*>(p.m), static_cast<const void*>(p.mc), static_cast<const void*>(p.x),
+                          static_cast<const void*>(p.noise), static_cast<const void*>(p.mask),
+                          static_cast<const void*>(p.known), static_cast<const void*>(p.out)}) {
+      vec = vec && reinterpret_cast<uintptr_t>(q) % (4 * sizeof(scalar_t)) == 0;
+    }
+    const int grid = grid_for((n + 3) / 4);
+    if (vec) {
+      ddpm_step_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(call.coefs, p, n, call.philox, call.seed,
+                                                                      call.offset);
+    } else {
+      ddpm_step_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(call.coefs, p, n, call.philox, call.seed,
+                                                                       call.offset);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return call.out;

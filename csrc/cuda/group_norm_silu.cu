@@ -2,8 +2,11 @@
 // kernels (genkern/triton/group_norm_silu.py): x is addressed as [N, HW, C] through strides so NCHW
 // and channels-last share the kernels, and each block owns one (sample, group) and a chunk of pixels,
 // so that small batches and num_groups = 1 still fill the GPU.
-//   forward:  stats (partial shifted sums per chunk) -> apply (combine, write y, mean, rstd)
+//   forward:  on Hopper, one pass with a thread-block cluster per group (see "one-pass path");
+//             elsewhere stats (partial shifted sums per chunk) -> apply (combine, write y, mean, rstd)
 //   backward: grad_sums (per-channel partials) -> [N, C] reductions (ATen) -> grad_apply (dx)
+#include <cooperative_groups.h>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -165,6 +168,184 @@ __global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, const f
   }
 }
 
+// ---- one-pass path (Hopper thread-block clusters) ------------------------------------------------
+// Each (sample, group) belongs to a cluster of k CTAs; each CTA keeps its slice of the group in
+// shared memory, so x is read from DRAM once: slice -> shared memory + shifted partial sums ->
+// the cluster adds its k partials through distributed shared memory -> y from shared memory. The
+// two-pass kernels above read x twice (the group has left L2 by the second pass), which caps them
+// at 2/3 of copy bandwidth. Needs sm_90; the host falls back to the two-pass kernels elsewhere.
+constexpr int kClusterThreads = 512;
+constexpr int64_t kSliceBytes = 64 * 1024;  // shared memory per CTA: three CTAs fit on an SM
+constexpr int kMaxCluster = 8;              // the portable cluster size limit
+
+// Group element i (0 <= i < D*HW) of group `grp` lies at sample_base + offset(i): NCHW is one
+// contiguous run; channels-last is HW rows of D contiguous channels, C apart.
+struct SliceGeometry {
+  int k, slice, len, HW, C, D, G;
+  bool channels_last;
+  __device__ __forceinline__ int offset(int grp, int i) const {
+    return channels_last ? (i / D) * C + grp * D + i % D : grp * D * HW + i;
+  }
+  // The channel (within the group) of element i; a pack of V elements spans V channels in
+  // channels-last and one channel in NCHW (HW is a multiple of V there).
+  __device__ __forceinline__ int channel(int i) const { return channels_last ? i % D : i / HW; }
+};
+
+// Pack width in elements: 16 bytes when every pack stays inside one channel row, else one element.
+int slice_vec(const GroupNormShape& s, const at::Tensor& x) {
+  const int v = 16 / static_cast<int>(x.element_size());
+  const bool aligned = reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  return aligned && (s.channels_last ? s.D % v == 0 : s.HW % v == 0) ? v : 1;
+}
+
+// k = 0 when the one-pass path does not apply (pre-Hopper GPU, a group too large for 8 CTAs, or
+// 32-bit offsets not enough for one sample).
+SliceGeometry make_slice_geometry(const GroupNormShape& s, const at::Tensor& x, int vec) {
+  SliceGeometry g{};
+  int major = 0, sms = 0;
+  const int dev = x.get_device();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t len = s.D * s.HW, esize = x.element_size();
+  if (major < 9 || s.C * s.HW >= (int64_t{1} << 31)) return g;
+  int k = 1;
+  while (k <= kMaxCluster && ((len + k - 1) / k) * esize > kSliceBytes) k *= 2;
+  if (k > kMaxCluster) return g;
+  // Small batches: split groups further so that the grid still covers the GPU twice.
+  while (k < kMaxCluster && s.N * s.G * k < 2 * sms && len / (2 * k) >= 4096) k *= 2;
+  g.k = k;
+  g.slice = static_cast<int>(((len + k - 1) / k + vec - 1) / vec * vec);
+  g.len = static_cast<int>(len);
+  g.HW = static_cast<int>(s.HW);
+  g.C = static_cast<int>(s.C);
+  g.D = static_cast<int>(s.D);
+  g.G = static_cast<int>(s.G);
+  g.channels_last = s.channels_last;
+  return g;
+}
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) VecPack {
+  T v[V];
+};
+
+template <typename T, int V, Activation A>
+__global__ void __launch_bounds__(kClusterThreads)
+    cluster_forward_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                           const float* __restrict__ b, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                           SliceGeometry g, float eps) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  using P = VecPack<T, V>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  P* cache = reinterpret_cast<P*>(smem);
+  __shared__ float scratch[kClusterThreads / kWarp];
+  __shared__ float partial[2];
+  __shared__ float stats[2];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t ng = blockIdx.x / g.k;
+  const int grp = static_cast<int>(ng % g.G);
+  const int64_t sample = (ng / g.G) * static_cast<int64_t>(g.C) * g.HW;
+  const T* xs = x + sample;
+  T* ys = y + sample;
+  const int lo = rank * g.slice, hi = min(g.len, lo + g.slice);
+  const int packs = max(0, (hi - lo) / V);
+  const float pivot = static_cast<float>(xs[g.offset(grp, 0)]);
+
+  float s1 = 0.f, s2 = 0.f;
+#pragma unroll 4
+  for (int j = threadIdx.x; j < packs; j += kClusterThreads) {
+    const P p = *reinterpret_cast<const P*>(xs + g.offset(grp, lo + j * V));
+    cache[j] = p;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float v = static_cast<float>(p.v[e]) - pivot;
+      s1 += v;
+      s2 += v * v;
+    }
+  }
+  s1 = block_sum(s1, scratch);
+  s2 = block_sum(s2, scratch);
+  if (threadIdx.x == 0) partial[0] = s1, partial[1] = s2;
+  cluster.sync();  // every CTA's partial is written
+  if (threadIdx.x < kWarp) {
+    float t1 = 0.f, t2 = 0.f;
+    if (threadIdx.x < g.k) {
+      const float* remote = cluster.map_shared_rank(partial, threadIdx.x);
+      t1 = remote[0];
+      t2 = remote[1];
+    }
+    t1 = warp_sum(t1);
+    t2 = warp_sum(t2);
+    if (threadIdx.x == 0) {
+      const float count = static_cast<float>(g.len), m = t1 / count;
+      stats[0] = pivot + m;
+      stats[1] = rsqrtf(fmaxf(t2 / count - m * m, 0.f) + eps);
+      if (rank == 0) mean_out[ng] = stats[0], rstd_out[ng] = stats[1];
+    }
+  }
+  cluster.sync();  // the partials have been read (a CTA may now exit) and stats[] is visible
+  const float mean = stats[0], rstd = stats[1];
+  const int c0 = grp * g.D;
+#pragma unroll 4
+  for (int j = threadIdx.x; j < packs; j += kClusterThreads) {
+    const int i = lo + j * V;
+    const P p = cache[j];
+    P o;
+    const int d = g.channel(i);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const int c = c0 + (g.channels_last ? d + e : d);
+      o.v[e] = static_cast<T>(Act<A>::f((static_cast<float>(p.v[e]) - mean) * (rstd * w[c]) + b[c]));
+    }
+    *reinterpret_cast<P*>(ys + g.offset(grp, i)) = o;
+  }
+#endif
+}
+
+template <typename T, int V, Activation A>
+void launch_cluster_forward(const ForwardCall& c, const at::Tensor& w, const at::Tensor& b, const SliceGeometry& g,
+                            double eps) {
+  auto* kernel = &cluster_forward_kernel<T, V, A>;
+  const size_t smem = static_cast<size_t>(g.slice / V) * sizeof(VecPack<T, V>);
+  static size_t smem_allowed = 0;  // raising the limit once per kernel (and device) is enough
+  if (smem > smem_allowed) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSliceBytes));
+    smem_allowed = kSliceBytes;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(c.s.N * c.s.G * g.k));
+  cfg.blockDim = dim3(kClusterThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = g.k;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, c.x.const_data_ptr<T>(), c.y.mutable_data_ptr<T>(),
+                                    w.const_data_ptr<float>(), b.const_data_ptr<float>(),
+                                    c.mean.mutable_data_ptr<float>(), c.rstd.mutable_data_ptr<float>(), g,
+                                    static_cast<float>(eps)));
+}
+
+void cluster_forward(const ForwardCall& c, const at::Tensor& w, const at::Tensor& b, const SliceGeometry& g, int vec,
+                     double eps) {
+  GENKERN_DISPATCH_FLOAT_TYPES(c.x.scalar_type(), "group_norm_silu_cuda", [&] {
+    dispatch_activation(c.act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      if (vec == 1) {
+        launch_cluster_forward<scalar_t, 1, A>(c, w, b, g, eps);
+      } else {
+        launch_cluster_forward<scalar_t, 16 / sizeof(scalar_t), A>(c, w, b, g, eps);
+      }
+    });
+  });
+}
+
 // ---- generic path (any layout, any HW) --------------------------------------------------------------
 template <typename T>
 __global__ void stats_kernel(const T* __restrict__ x, float* __restrict__ part, Geometry g) {
@@ -295,7 +476,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(
   ForwardCall c = prepare_forward(x_in, weight, bias, num_groups, eps, activation);
   if (c.x.numel() == 0) return {c.y, c.mean, c.rstd};
   const at::Tensor w = param_or(weight, c.x, 1.f), b = param_or(bias, c.x, 0.f);
-  if (use_flat(c.s, c.x)) {
+  const int vec = slice_vec(c.s, c.x);
+  const SliceGeometry sg = make_slice_geometry(c.s, c.x, vec);
+  if (sg.k > 0) {
+    cluster_forward(c, w, b, sg, vec, eps);
+  } else if (use_flat(c.s, c.x)) {
     launch_forward(c, w, b, make_flat_geometry(c.s, 16 / c.x.element_size()), eps);
   } else {
     launch_forward(c, w, b, make_geometry(c.s), eps);
