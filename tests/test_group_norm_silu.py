@@ -54,13 +54,15 @@ def run(backend, x, G, w, b, eps, act, dy):
     return y, grads
 
 
-def check(backend, device, shape, G, dtype, channels_last, act, affine=True, eps=1e-5):
+def check(backend, device, shape, G, dtype, channels_last, act, affine=True, eps=1e-5, unaligned_dy=False):
     require_backend(backend, device)
     C = shape[1]
     x = make_input(shape, dtype, device, channels_last).requires_grad_()
     w = (1 + 0.5 * torch.randn(C, device=device)).requires_grad_() if affine else None
     b = (0.5 * torch.randn(C, device=device)).requires_grad_() if affine else None
     dy = torch.randn(shape, device=device).to(dtype)
+    if unaligned_dy:  # same values, one element past an aligned address
+        dy = torch.cat([dy.new_zeros(1), dy.flatten()])[1:].view(shape)
     y, grads = run(backend, x, G, w, b, eps, act, dy)
     yr, inputs = reference(x, G, w, b, eps, act)
     ref_grads = torch.autograd.grad(yr, [t for t in inputs if t is not None], dy.double().cpu())
@@ -137,6 +139,12 @@ def test_non_dense_input(backend, device):
     with genkern.use_backend(backend):
         y = genkern.group_norm_silu(x, 4)
     assert_close(y, F.silu(F.group_norm(x.double().cpu(), 4)), torch.float32, "y")
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_unaligned_grad(backend, device):
+    # vectorised kernels must notice that dy is not 16-byte aligned although x is
+    check(backend, device, (2, 32, 16, 16), 8, torch.float32, False, "silu", unaligned_dy=True)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)

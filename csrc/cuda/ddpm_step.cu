@@ -63,14 +63,15 @@ __global__ void ddpm_step_kernel(DdpmStepCoefs c, Ptrs<T> p, int64_t n, bool phi
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float z[4] = {0.f, 0.f, 0.f, 0.f}, m[4], mc[4], x[4], y[4];
+    // loads first, so that the Philox arithmetic overlaps their latency
+    load4<kVec>(p.m, g, n, m);
+    load4<kVec>(p.x, g, n, x);
+    if (c.cfg) load4<kVec>(p.mc, g, n, mc);
     if (p.noise) {
       load4<kVec>(p.noise, g, n, z);
     } else if (philox) {
       philox_normal4(seed, offset, static_cast<uint64_t>(g), z);
     }
-    load4<kVec>(p.m, g, n, m);
-    load4<kVec>(p.x, g, n, x);
-    if (c.cfg) load4<kVec>(p.mc, g, n, mc);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       if (c.cfg) m[k] += c.w * (mc[k] - m[k]);

@@ -4,7 +4,8 @@
 // so that small batches and num_groups = 1 still fill the GPU.
 //   forward:  on Hopper, one pass with a thread-block cluster per group (see "one-pass path");
 //             elsewhere stats (partial shifted sums per chunk) -> apply (combine, write y, mean, rstd)
-//   backward: grad_sums (per-channel partials) -> [N, C] reductions (ATen) -> grad_apply (dx)
+//   backward: on Hopper, one pass on the same clusters; elsewhere
+//             grad_sums (per-channel partials) -> [N, C] reductions (ATen) -> grad_apply (dx)
 #include <cooperative_groups.h>
 
 #include <ATen/ATen.h>
@@ -175,7 +176,8 @@ __global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, const f
 // two-pass kernels above read x twice (the group has left L2 by the second pass), which caps them
 // at 2/3 of copy bandwidth. Needs sm_90; the host falls back to the two-pass kernels elsewhere.
 constexpr int kClusterThreads = 512;
-constexpr int64_t kSliceBytes = 64 * 1024;  // shared memory per CTA: three CTAs fit on an SM
+constexpr int64_t kSliceBytes = 64 * 1024;      // forward: shared memory per CTA, three CTAs per SM
+constexpr int64_t kGradSliceBytes = 48 * 1024;  // backward: per tensor (x and dy), two CTAs per SM
 constexpr int kMaxCluster = 8;              // the portable cluster size limit
 
 // Group element i (0 <= i < D*HW) of group `grp` lies at sample_base + offset(i): NCHW is one
@@ -192,15 +194,16 @@ struct SliceGeometry {
 };
 
 // Pack width in elements: 16 bytes when every pack stays inside one channel row, else one element.
-int slice_vec(const GroupNormShape& s, const at::Tensor& x) {
+int slice_vec(const GroupNormShape& s, const at::Tensor& x, const at::Tensor& dy = {}) {
   const int v = 16 / static_cast<int>(x.element_size());
-  const bool aligned = reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  const bool aligned = reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
+                       (!dy.defined() || reinterpret_cast<uintptr_t>(dy.const_data_ptr()) % 16 == 0);
   return aligned && (s.channels_last ? s.D % v == 0 : s.HW % v == 0) ? v : 1;
 }
 
 // k = 0 when the one-pass path does not apply (pre-Hopper GPU, a group too large for 8 CTAs, or
 // 32-bit offsets not enough for one sample).
-SliceGeometry make_slice_geometry(const GroupNormShape& s, const at::Tensor& x, int vec) {
+SliceGeometry make_slice_geometry(const GroupNormShape& s, const at::Tensor& x, int vec, int64_t slice_bytes) {
   SliceGeometry g{};
   int major = 0, sms = 0;
   const int dev = x.get_device();
@@ -209,7 +212,7 @@ SliceGeometry make_slice_geometry(const GroupNormShape& s, const at::Tensor& x, 
   const int64_t len = s.D * s.HW, esize = x.element_size();
   if (major < 9 || s.C * s.HW >= (int64_t{1} << 31)) return g;
   int k = 1;
-  while (k <= kMaxCluster && ((len + k - 1) / k) * esize > kSliceBytes) k *= 2;
+  while (k <= kMaxCluster && ((len + k - 1) / k) * esize > slice_bytes) k *= 2;
   if (k > kMaxCluster) return g;
   // Small batches: split groups further so that the grid still covers the GPU twice.
   while (k < kMaxCluster && s.N * s.G * k < 2 * sms && len / (2 * k) >= 4096) k *= 2;
@@ -229,6 +232,34 @@ struct alignas(sizeof(T) * V) VecPack {
   T v[V];
 };
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// (a, b) summed over the CTA and then over the cluster (through distributed shared memory); the
+// result is valid in every thread of every CTA of the cluster.
+__device__ __forceinline__ void cluster_sum2(cooperative_groups::cluster_group& cluster, float& a, float& b,
+                                             float* scratch) {
+  __shared__ float partial[2];
+  __shared__ float total[2];
+  a = block_sum(a, scratch);
+  b = block_sum(b, scratch);
+  if (threadIdx.x == 0) partial[0] = a, partial[1] = b;
+  cluster.sync();  // every CTA's partial is written
+  if (threadIdx.x < kWarp) {
+    float t1 = 0.f, t2 = 0.f;
+    if (threadIdx.x < cluster.num_blocks()) {
+      const float* remote = cluster.map_shared_rank(partial, threadIdx.x);
+      t1 = remote[0];
+      t2 = remote[1];
+    }
+    t1 = warp_sum(t1);
+    t2 = warp_sum(t2);
+    if (threadIdx.x == 0) total[0] = t1, total[1] = t2;
+  }
+  cluster.sync();  // the partials have been read (a CTA may now exit) and total[] is visible
+  a = total[0];
+  b = total[1];
+}
+#endif
+
 template <typename T, int V, Activation A>
 __global__ void __launch_bounds__(kClusterThreads)
     cluster_forward_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
@@ -240,8 +271,6 @@ __global__ void __launch_bounds__(kClusterThreads)
   extern __shared__ __align__(16) unsigned char smem[];
   P* cache = reinterpret_cast<P*>(smem);
   __shared__ float scratch[kClusterThreads / kWarp];
-  __shared__ float partial[2];
-  __shared__ float stats[2];
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int64_t ng = blockIdx.x / g.k;
@@ -265,28 +294,10 @@ __global__ void __launch_bounds__(kClusterThreads)
       s2 += v * v;
     }
   }
-  s1 = block_sum(s1, scratch);
-  s2 = block_sum(s2, scratch);
-  if (threadIdx.x == 0) partial[0] = s1, partial[1] = s2;
-  cluster.sync();  // every CTA's partial is written
-  if (threadIdx.x < kWarp) {
-    float t1 = 0.f, t2 = 0.f;
-    if (threadIdx.x < g.k) {
-      const float* remote = cluster.map_shared_rank(partial, threadIdx.x);
-      t1 = remote[0];
-      t2 = remote[1];
-    }
-    t1 = warp_sum(t1);
-    t2 = warp_sum(t2);
-    if (threadIdx.x == 0) {
-      const float count = static_cast<float>(g.len), m = t1 / count;
-      stats[0] = pivot + m;
-      stats[1] = rsqrtf(fmaxf(t2 / count - m * m, 0.f) + eps);
-      if (rank == 0) mean_out[ng] = stats[0], rstd_out[ng] = stats[1];
-    }
-  }
-  cluster.sync();  // the partials have been read (a CTA may now exit) and stats[] is visible
-  const float mean = stats[0], rstd = stats[1];
+  cluster_sum2(cluster, s1, s2, scratch);
+  const float count = static_cast<float>(g.len), m = s1 / count;
+  const float mean = pivot + m, rstd = rsqrtf(fmaxf(s2 / count - m * m, 0.f) + eps);
+  if (rank == 0 && threadIdx.x == 0) mean_out[ng] = mean, rstd_out[ng] = rstd;
   const int c0 = grp * g.D;
 #pragma unroll 4
   for (int j = threadIdx.x; j < packs; j += kClusterThreads) {
@@ -344,6 +355,185 @@ void cluster_forward(const ForwardCall& c, const at::Tensor& w, const at::Tensor
       }
     });
   });
+}
+
+// One-pass backward on the same clusters: x and dy of the CTA's slice go to shared memory while the
+// CTA sums, per channel, du * (x - mean) and du (for dweight/dbias) and, over the group,
+// w_c du and w_c du (x - mean) (for dx); the cluster adds the group sums; dx from shared memory.
+// part[cta, d] = (rstd * sum du (x - mean), sum du) for channel d of the CTA's group: summed over
+// the clusters' CTAs and the batch by the host, so dweight and dbias are deterministic.
+template <typename T, int V, Activation A>
+__global__ void __launch_bounds__(kClusterThreads)
+    cluster_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                            const float* __restrict__ w, const float* __restrict__ b,
+                            const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
+                            float* __restrict__ part, SliceGeometry g) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  using P = VecPack<T, V>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int max_packs = g.slice / V;
+  P* cache_x = reinterpret_cast<P*>(smem);
+  P* cache_dy = cache_x + max_packs;
+  float* acc = reinterpret_cast<float*>(cache_dy + max_packs);  // [2, D]: sum du (x - mean), sum du
+  __shared__ float scratch[kClusterThreads / kWarp];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t ng = blockIdx.x / g.k;
+  const int grp = static_cast<int>(ng % g.G), c0 = grp * g.D;
+  const int64_t sample = (ng / g.G) * static_cast<int64_t>(g.C) * g.HW;
+  const int lo = rank * g.slice, hi = min(g.len, lo + g.slice);
+  const int packs = max(0, (hi - lo) / V);
+  const float mean = mean_in[ng], rstd = rstd_in[ng];
+  const int lane = threadIdx.x % kWarp;
+  for (int d = threadIdx.x; d < 2 * g.D; d += kClusterThreads) acc[d] = 0.f;
+  __syncthreads();
+
+  // Channels-last: pack j holds channels ((lo / V + j) % q) * V .. + V - 1 of a pixel (q = D / V
+  // packs per pixel), the same for every pack of a thread when q divides the block size (the host
+  // checks), so each thread keeps its V channels' sums in registers. NCHW: a pack is one channel;
+  // the warp adds its 32 packs' sums together when they share it (always, unless a warp straddles
+  // two channels).
+  float cs[V], cb[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) cs[e] = cb[e] = 0.f;
+  float sa = 0.f, sb = 0.f;  // group sums of w_c du and w_c du (x - mean)
+  for (int base = 0; base < packs; base += kClusterThreads) {
+    const int j = base + threadIdx.x;
+    const bool valid = j < packs;
+    const int i = lo + j * V;
+    float ps = 0.f, pb = 0.f;  // NCHW: this pack's channel sums
+    int d = 0;
+    if (valid) {
+      const int off = g.offset(grp, i);
+      const P px = *reinterpret_cast<const P*>(x + sample + off);
+      const P pdy = *reinterpret_cast<const P*>(dy + sample + off);
+      cache_x[j] = px;
+      cache_dy[j] = pdy;
+      d = g.channel(i);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const int c = c0 + (g.channels_last ? d + e : d);
+        const float xc = static_cast<float>(px.v[e]) - mean, wc = w[c];
+        const float du = static_cast<float>(pdy.v[e]) * Act<A>::df(xc * (rstd * wc) + b[c]);
+        sa += wc * du;
+        sb += wc * du * xc;
+        if (g.channels_last) {
+          cs[e] += du * xc;
+          cb[e] += du;
+        } else {
+          ps += du * xc;
+          pb += du;
+        }
+      }
+    }
+    if (!g.channels_last) {
+      const unsigned active = __ballot_sync(0xffffffffu, valid);
+      const int d0 = __shfl_sync(0xffffffffu, d, 0);
+      if (active != 0u && __all_sync(0xffffffffu, !valid || d == d0)) {
+        ps = warp_sum(ps);
+        pb = warp_sum(pb);
+        if (lane == 0) atomicAdd(&acc[d0], ps), atomicAdd(&acc[g.D + d0], pb);
+      } else if (valid) {
+        atomicAdd(&acc[d], ps);
+        atomicAdd(&acc[g.D + d], pb);
+      }
+    }
+  }
+  if (g.channels_last && packs > 0) {
+    // lanes l and l ^ o hold the same channels when q divides o
+    const int q = g.D / V;
+    const int d = (lo + threadIdx.x * V) % g.D;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      for (int o = kWarp / 2; o >= q; o >>= 1) {
+        cs[e] += __shfl_xor_sync(0xffffffffu, cs[e], o);
+        cb[e] += __shfl_xor_sync(0xffffffffu, cb[e], o);
+      }
+      if (lane < q || q >= kWarp) {
+        atomicAdd(&acc[d + e], cs[e]);
+        atomicAdd(&acc[g.D + d + e], cb[e]);
+      }
+    }
+  }
+  cluster_sum2(cluster, sa, sb, scratch);  // also orders the shared-memory atomics before the reads below
+  float* out = part + blockIdx.x * static_cast<int64_t>(2 * g.D);
+  for (int d = threadIdx.x; d < g.D; d += kClusterThreads) out[2 * d] = rstd * acc[d], out[2 * d + 1] = acc[g.D + d];
+
+  // dx = rstd w_c du - rstd A - rstd^2 B (x - mean),  A = sa / M,  B = rstd sb / M
+  const float inv_m = 1.f / static_cast<float>(g.len);
+  const float k2 = -rstd * rstd * rstd * sb * inv_m, k3 = -rstd * sa * inv_m;
+  T* dxs = dx + sample;
+  for (int j = threadIdx.x; j < packs; j += kClusterThreads) {
+    const int i = lo + j * V;
+    const P px = cache_x[j], pdy = cache_dy[j];
+    const int d = g.channel(i);
+    P o;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const int c = c0 + (g.channels_last ? d + e : d);
+      const float xc = static_cast<float>(px.v[e]) - mean, a = rstd * w[c];
+      const float du = static_cast<float>(pdy.v[e]) * Act<A>::df(xc * a + b[c]);
+      o.v[e] = static_cast<T>(a * du + k2 * xc + k3);
+    }
+    *reinterpret_cast<P*>(dxs + g.offset(grp, i)) = o;
+  }
+#endif
+}
+
+// The backward's cluster geometry, or k = 0 where it does not apply; channels-last also needs the
+// packs of a pixel row (D / V) to divide the block size (see the kernel).
+SliceGeometry make_grad_slice_geometry(const GroupNormShape& s, const at::Tensor& x, int vec) {
+  SliceGeometry g = make_slice_geometry(s, x, vec, kGradSliceBytes);
+  if (s.channels_last && kClusterThreads % (s.D / vec) != 0) g.k = 0;
+  return g;
+}
+
+template <typename T, int V, Activation A>
+void launch_cluster_backward(const BackwardCall& c, const at::Tensor& w, const at::Tensor& b, const SliceGeometry& g,
+                             at::Tensor& part) {
+  auto* kernel = &cluster_backward_kernel<T, V, A>;
+  const size_t smem = 2 * static_cast<size_t>(g.slice / V) * sizeof(VecPack<T, V>) + 2 * g.D * sizeof(float);
+  static size_t smem_allowed = 0;
+  if (smem > smem_allowed) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    smem_allowed = smem;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(c.s.N * c.s.G * g.k));
+  cfg.blockDim = dim3(kClusterThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = g.k;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, c.dy.const_data_ptr<T>(), c.x.const_data_ptr<T>(),
+                                    c.dx.mutable_data_ptr<T>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
+                                    c.mean.const_data_ptr<float>(), c.rstd.const_data_ptr<float>(),
+                                    part.mutable_data_ptr<float>(), g));
+}
+
+// dx, and (dweight, dbias) as float32 [C] each.
+std::tuple<at::Tensor, at::Tensor> cluster_backward(const BackwardCall& c, const at::Tensor& w, const at::Tensor& b,
+                                                    const SliceGeometry& g, int vec) {
+  const GroupNormShape& s = c.s;
+  at::Tensor part = at::empty({s.N, s.G, g.k, s.D, 2}, c.x.options().dtype(at::kFloat));
+  GENKERN_DISPATCH_FLOAT_TYPES(c.x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
+    dispatch_activation(c.act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      if (vec == 1) {
+        launch_cluster_backward<scalar_t, 1, A>(c, w, b, g, part);
+      } else {
+        launch_cluster_backward<scalar_t, 16 / sizeof(scalar_t), A>(c, w, b, g, part);
+      }
+    });
+  });
+  const at::Tensor sums = part.sum({0, 2}).view({s.C, 2});
+  return {sums.select(1, 0), sums.select(1, 1)};
 }
 
 // ---- generic path (any layout, any HW) --------------------------------------------------------------
@@ -477,7 +667,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(
   if (c.x.numel() == 0) return {c.y, c.mean, c.rstd};
   const at::Tensor w = param_or(weight, c.x, 1.f), b = param_or(bias, c.x, 0.f);
   const int vec = slice_vec(c.s, c.x);
-  const SliceGeometry sg = make_slice_geometry(c.s, c.x, vec);
+  const SliceGeometry sg = make_slice_geometry(c.s, c.x, vec, kSliceBytes);
   if (sg.k > 0) {
     cluster_forward(c, w, b, sg, vec, eps);
   } else if (use_flat(c.s, c.x)) {
@@ -500,6 +690,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward(
     return {c.dx, at::zeros({s.C}, opts.dtype(c.weight_grad_dtype)), at::zeros({s.C}, opts.dtype(c.bias_grad_dtype))};
   }
   const at::Tensor w = param_or(weight, c.x, 1.f), b = param_or(bias, c.x, 0.f);
+  const int vec = slice_vec(s, c.x, c.dy);
+  const SliceGeometry sg = make_grad_slice_geometry(s, c.x, vec);
+  if (sg.k > 0) {
+    auto [dw, db] = cluster_backward(c, w, b, sg, vec);
+    return {c.dx, dw.to(c.weight_grad_dtype), db.to(c.bias_grad_dtype)};
+  }
   const Geometry geo = make_geometry(s);
   at::Tensor part = at::empty({s.N, geo.n_chunks, s.C, 2}, opts.dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(s.N * s.G), geo.n_chunks);
