@@ -1,6 +1,6 @@
 // minibatch_stddev on CUDA. Maths and checks in csrc/minibatch_stddev.h; the same decomposition as the
 // Triton kernels: a block owns one (column m, slice f) and a chunk of the slice's (channel, pixel)
-// positions, a thread one position: G loads for the mean, G for the variance (and the copy into out),
+// positions (pixel-major in channels-last memory), a thread one position: G loads for the mean, G for the variance (and the copy into out),
 // one partial sum per block. Partials, statistic channels and the backward's coefficients are ATen ops.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,20 +17,36 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Position j of a slice is (channel cc, pixel p) of its c * P: pixel-major in channels-last memory
+// (cc fastest) and channel-major in NCHW (p fastest), so that neighbouring threads touch
+// neighbouring addresses in both layouts.
 struct Geo {
   int64_t M, F, c, P, G, sxN, sxC, sxP, soN, soC, soP;
+  bool channels_last;
+  __device__ __forceinline__ void split(int64_t j, int64_t& cc, int64_t& p) const {
+    if (channels_last) {
+      p = j / c;
+      cc = j - p * c;
+    } else {
+      cc = j / P;
+      p = j - cc * P;
+    }
+  }
   __device__ __forceinline__ int64_t x_off(int64_t i, int64_t f, int64_t j) const {
-    const int64_t cc = j / P;
-    return i * sxN + (f * c + cc) * sxC + (j - cc * P) * sxP;
+    int64_t cc, p;
+    split(j, cc, p);
+    return i * sxN + (f * c + cc) * sxC + p * sxP;
   }
   __device__ __forceinline__ int64_t o_off(int64_t i, int64_t f, int64_t j) const {
-    const int64_t cc = j / P;
-    return i * soN + (f * c + cc) * soC + (j - cc * P) * soP;
+    int64_t cc, p;
+    split(j, cc, p);
+    return i * soN + (f * c + cc) * soC + p * soP;
   }
 };
 
 Geo make_geo(const MbstdShape& s, const at::Tensor& x, const at::Tensor& o) {
-  return {s.M, s.F, s.c, s.P, s.G, x.stride(0), x.stride(1), x.stride(3), o.stride(0), o.stride(1), o.stride(3)};
+  return {s.M, s.F, s.c, s.P, s.G, x.stride(0), x.stride(1), x.stride(3),
+          o.stride(0), o.stride(1), o.stride(3), s.channels_last};
 }
 
 template <typename T>
