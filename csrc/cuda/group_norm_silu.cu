@@ -532,7 +532,7 @@ std::tuple<at::Tensor, at::Tensor> cluster_backward(const BackwardCall& c, const
       }
     });
   });
-  const at::Tensor sums = part.sum({0, 2}).view({s.C, 2});
+  const at::Tensor sums = part.sum(at::IntArrayRef{0, 2}).view({s.C, 2});
   return {sums.select(1, 0), sums.select(1, 1)};
 }
 
