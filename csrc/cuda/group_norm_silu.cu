@@ -694,7 +694,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward(
   const SliceGeometry sg = make_grad_slice_geometry(s, c.x, vec);
   if (sg.k > 0) {
     auto [dw, db] = cluster_backward(c, w, b, sg, vec);
-    return {c.dx, dw.to(c.weight_grad_dtype), db.to(c.bias_grad_dtype)};
+    // copies: two views of one buffer would alias (and be strided), which the schema forbids
+    return {c.dx, dw.to(c.weight_grad_dtype, false, true, at::MemoryFormat::Contiguous),
+            db.to(c.bias_grad_dtype, false, true, at::MemoryFormat::Contiguous)};
   }
   const Geometry geo = make_geometry(s);
   at::Tensor part = at::empty({s.N, geo.n_chunks, s.C, 2}, opts.dtype(at::kFloat));
