@@ -69,6 +69,14 @@ class NormAct(nn.Module):
         y = self.norm(x)
         return y if (self.fused or not self.act) else F.silu(y)
 
+    def __genkern_patch__(self) -> bool:
+        """genkern.patch: switch the eager pair to the fused layer, keeping the parameters."""
+        if self.fused:
+            return False
+        self.norm = genkern.nn.GroupNormSiLU.from_group_norm(self.norm, "silu" if self.act else None)
+        self.fused = True
+        return True
+
 
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, temb: int, dropout: float, groups: int, fused: bool):

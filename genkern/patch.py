@@ -1,0 +1,122 @@
+"""genkern.patch(model): put the fused GroupNorm+SiLU kernel into a model written elsewhere, in place.
+
+What is replaced (weights are kept: the fused layer shares the GroupNorm's parameters, and the
+state_dict keys do not change):
+
+* in any ``nn.Sequential``, an ``nn.GroupNorm`` directly followed by ``nn.SiLU`` (or exact
+  ``nn.GELU``): the norm becomes ``genkern.nn.GroupNormSiLU`` and the activation ``nn.Identity``;
+* diffusers' ``ResnetBlock2D`` with ``time_embedding_norm="default"`` and a SiLU nonlinearity:
+  ``norm1`` and ``norm2`` become fused. Its single ``nonlinearity`` module is applied to the
+  feature maps right after ``norm1`` and ``norm2`` *and* to the 2-D time embedding, so it cannot
+  become an Identity: it is replaced by ``SiLUOnEmbedding``, SiLU for 2-D inputs (the embedding)
+  and a pass-through for the feature maps, which the fused norms have already activated;
+* any module defining ``__genkern_patch__(self) -> bool`` (the package's own blocks, e.g.
+  ``models.unet.NormAct``): it converts itself and says whether it changed.
+
+Anything else is left alone; blocks that look patchable but are not (a scale-shift time
+embedding, another activation) are listed in the report with the reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .nn import GroupNormSiLU
+
+__all__ = ["patch", "PatchReport", "SiLUOnEmbedding"]
+
+
+@dataclass
+class PatchReport:
+    """What `patch` did: `replaced` and `skipped` hold "qualified.module.name: detail" lines."""
+
+    replaced: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.replaced)
+
+    def __str__(self) -> str:
+        lines = [f"genkern.patch: {len(self.replaced)} replaced, {len(self.skipped)} skipped"]
+        lines += [f"  replaced {r}" for r in self.replaced]
+        lines += [f"  skipped  {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+class SiLUOnEmbedding(nn.Module):
+    """SiLU for 2-D inputs (a time embedding [B, C]); identity for feature maps (already activated
+    by a fused GroupNormSiLU). Only `patch` installs it, in blocks it has checked."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x) if x.dim() == 2 else x
+
+
+def _activation_of(m: nn.Module) -> str | None:
+    if type(m) is nn.SiLU:
+        return "silu"
+    if type(m) is nn.GELU and m.approximate == "none":
+        return "gelu"
+    return None
+
+
+def _plain_group_norm(m: nn.Module) -> bool:
+    return type(m) is nn.GroupNorm  # not a subclass: it may already be fused or compute something else
+
+
+def _patch_sequential(name: str, seq: nn.Sequential, report: PatchReport) -> None:
+    keys = list(seq._modules.keys())
+    for a, b in zip(keys, keys[1:]):
+        norm, act = seq._modules[a], seq._modules[b]
+        if norm is None or act is None or not _plain_group_norm(norm):
+            continue
+        kind = _activation_of(act)
+        if kind is None:
+            continue
+        seq._modules[a] = GroupNormSiLU.from_group_norm(norm, kind)
+        seq._modules[b] = nn.Identity()
+        report.replaced.append(f"{name or '<root>'}.{a}+{b}: GroupNorm -> {kind} fused")
+
+
+def _is_diffusers_resnet(m: nn.Module) -> bool:
+    cls = type(m)
+    return cls.__name__ == "ResnetBlock2D" and cls.__module__.startswith("diffusers.")
+
+
+def _patch_diffusers_resnet(name: str, block: nn.Module, report: PatchReport) -> None:
+    if not (_plain_group_norm(block.norm1) and _plain_group_norm(block.norm2)):
+        report.skipped.append(f"{name}: ResnetBlock2D norms are not nn.GroupNorm")
+        return
+    if block.time_embedding_norm != "default":
+        report.skipped.append(f"{name}: ResnetBlock2D time_embedding_norm={block.time_embedding_norm!r} puts the "
+                              "time scale/shift between norm2 and the activation")
+        return
+    if type(block.nonlinearity) is not nn.SiLU:
+        report.skipped.append(f"{name}: ResnetBlock2D nonlinearity is {type(block.nonlinearity).__name__}, not SiLU")
+        return
+    block.norm1 = GroupNormSiLU.from_group_norm(block.norm1, "silu")
+    block.norm2 = GroupNormSiLU.from_group_norm(block.norm2, "silu")
+    block.nonlinearity = SiLUOnEmbedding()
+    report.replaced.append(f"{name}: ResnetBlock2D norm1, norm2 -> GroupNorm+SiLU fused")
+
+
+def patch(model: nn.Module) -> PatchReport:
+    """Replace GroupNorm -> SiLU pairs of `model` by the fused layer, in place; returns a report.
+
+    Outputs are unchanged up to the fused kernel's rounding (fp32 accumulation), and gradients flow
+    to the same parameters (the same objects, so an optimizer built earlier keeps working). Patch
+    before `torch.compile`-ing the model.
+    """
+    report = PatchReport()
+    for name, m in list(model.named_modules()):
+        hook = getattr(m, "__genkern_patch__", None)
+        if callable(hook):
+            if hook():
+                report.replaced.append(f"{name or '<root>'}: {type(m).__name__} fused")
+        elif isinstance(m, nn.Sequential):
+            _patch_sequential(name, m, report)
+        elif _is_diffusers_resnet(m):
+            _patch_diffusers_resnet(name, m, report)
+    return report
