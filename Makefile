@@ -5,7 +5,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 PIP         := $(VENV)/bin/pip
 TORCH_PIN   := torch==2.14.1 torchvision==0.29.1
-DEV_DEPS    := ninja numpy pytest pytest-benchmark expecttest tqdm matplotlib diffusers
+DEV_DEPS    := ninja numpy pytest pytest-benchmark expecttest tqdm matplotlib diffusers scikit-learn
 SOURCES     := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 export MAX_JOBS ?= 2
 

@@ -1,0 +1,220 @@
+"""Train and sample the DDPM U-Net (models/unet.py) on real data.
+
+    python -m models.ddpm train  --config digits --steps 1500 --out runs/ddpm-digits
+    python -m models.ddpm sample --ckpt runs/ddpm-digits/ckpt.pt --out digits.png --guidance 2
+
+Training (Ho et al. 2020, algorithm 1): x_t = add_noise(x_0, eps, t) with t uniform, loss
+||eps - eps_theta(x_t, t)||^2, Adam, an EMA of the weights for sampling. Class-conditional configs
+drop the label to the null label with p = 0.1 (classifier-free guidance, Ho & Salimans 2022).
+Checkpoints (torch.save) hold the model, the EMA, the optimizer, the step and the RNG state:
+``--resume`` continues a run exactly where it stopped.
+
+Sampling uses genkern's fused samplers (DDPM or DDIM steps, in-kernel noise, guidance in the step),
+and writes a PNG grid (torchvision.utils.save_image): one row per class label, or, with
+``--inpaint``, rows of known images, their masked versions and the completions.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from genkern.diffusion import DDIMScheduler, DDPMScheduler, sample as run_sampler
+
+from . import data
+from .ema import EMA
+from .unet import CONFIGS, UNet
+
+
+def scheduler_kwargs(args_or_dict) -> dict:
+    a = args_or_dict if isinstance(args_or_dict, dict) else vars(args_or_dict)
+    return {"num_train_timesteps": a["timesteps"],
+            "beta_schedule": "squaredcos_cap_v2" if a["schedule"] == "cosine" else "linear"}
+
+
+def build(run: dict, device, fused: bool = True) -> UNet:
+    return UNet(run["config"], fused=fused).to(device)
+
+
+def save(path: str, **state) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a checkpoint is never half-written
+
+
+def train(args) -> dict:
+    device = torch.device(args.device)
+    run = {k: getattr(args, k) for k in ("config", "timesteps", "schedule", "data", "batch", "lr", "ema",
+                                         "p_uncond", "seed")}
+    cfg = CONFIGS[args.config]
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    torch.manual_seed(args.seed)
+    model = build(run, device, fused=not args.eager)
+    ema = EMA(model, args.ema)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    step = 0
+    if args.resume and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state["run"]["config"] != args.config:
+            raise ValueError(f"--resume: {ckpt_path} holds a {state['run']['config']!r} run, not {args.config!r}")
+        run = state["run"]
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+        step = state["step"]
+        print(f"resumed {ckpt_path} at step {step}")
+    x_all, y_all = data.load(run["data"], cfg.image_size, cfg.in_channels)
+    sched = DDPMScheduler(**scheduler_kwargs(run))
+    T = run["timesteps"]
+    null = model.null_label
+
+    def checkpoint():
+        save(ckpt_path, run=run, step=step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+             generator=gen.get_state(), torch_rng=torch.get_rng_state(),  # dropout draws from torch's RNG
+             cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=args.steps, initial=step, desc="train", disable=args.quiet)
+    losses = []
+    model.train()
+    t0 = time.time()
+    while step < args.steps:
+        idx = torch.randint(0, x_all.shape[0], (run["batch"],), generator=gen)
+        x0 = x_all[idx].to(device)
+        t = torch.randint(0, T, (run["batch"],), generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        labels = None
+        if null is not None:
+            drop = torch.rand(run["batch"], generator=gen) < run["p_uncond"]
+            labels = torch.where(drop, torch.full_like(y_all[idx], null), y_all[idx]).to(device)
+        xt = sched.add_noise(x0, noise, t)
+        loss = F.mse_loss(model(xt, t, labels), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix_str(f"loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if args.ckpt_every and step % args.ckpt_every == 0:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    took = time.time() - t0
+    if not args.quiet:
+        print(f"{len(losses)} steps in {took:.0f} s; checkpoint {ckpt_path}")
+    return {"steps": step, "losses": losses, "seconds": took, "checkpoint": ckpt_path}
+
+
+def load_for_sampling(ckpt: str, device, use_ema: bool = True, fused: bool = True) -> tuple[UNet, dict]:
+    state = torch.load(ckpt, map_location=device, weights_only=False)
+    model = build(state["run"], device, fused=fused)
+    model.load_state_dict(state["ema"]["model"] if use_ema else state["model"])
+    return model.eval(), state["run"]
+
+
+@torch.no_grad()
+def sample(args) -> torch.Tensor:
+    from torchvision.utils import save_image
+    device = torch.device(args.device)
+    model, run = load_for_sampling(args.ckpt, device, use_ema=not args.no_ema)
+    cfg = CONFIGS[run["config"]]
+    kw = scheduler_kwargs(run)
+    sched = DDIMScheduler(**kw) if args.sampler == "ddim" else DDPMScheduler(**kw)
+    steps = args.steps or (50 if args.sampler == "ddim" else run["timesteps"])
+    shape_of = lambda n: (n, cfg.in_channels, cfg.image_size, cfg.image_size)  # noqa: E731
+    common = dict(num_inference_steps=steps, seed=args.seed, device=device, progress=not args.quiet)
+    if args.sampler == "ddim":
+        common["eta"] = args.eta
+    if args.inpaint:
+        x_all, y_all = data.load(run["data"], cfg.image_size, cfg.in_channels)
+        g = torch.Generator().manual_seed(args.seed)
+        idx = torch.randperm(x_all.shape[0], generator=g)[:args.n]
+        known = x_all[idx].to(device)
+        mask = torch.ones_like(known)
+        mask[..., cfg.image_size // 2:, :] = 0  # keep the top half, complete the bottom half
+        labels = y_all[idx].to(device) if model.null_label is not None else None
+        out = run_sampler(model, sched, shape_of(args.n), class_labels=labels, mask=mask, known=known,
+                          guidance_scale=args.guidance if labels is not None else None, null_label=model.null_label,
+                          **common)
+        grid = torch.cat([known, known * mask - (1 - mask), out])
+        nrow = args.n
+    elif model.null_label is not None:
+        labels = parse_labels(args.labels, cfg.num_classes).repeat_interleave(args.n).to(device)
+        out = run_sampler(model, sched, shape_of(labels.numel()), class_labels=labels,
+                          guidance_scale=args.guidance, null_label=model.null_label, **common)
+        grid, nrow = out, args.n
+    else:
+        out = run_sampler(model, sched, shape_of(args.n), **common)
+        grid, nrow = out, int(args.n ** 0.5) or 1
+    save_image(((grid.float() + 1) / 2).clamp(0, 1), args.out, nrow=nrow, padding=1)
+    if not args.quiet:
+        print(f"wrote {args.out}")
+    return out
+
+
+def parse_labels(spec: str, num_classes: int) -> torch.Tensor:
+    labels = list(range(num_classes)) if spec == "all" else [int(v) for v in spec.split(",")]
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad:
+        raise ValueError(f"--labels must lie in [0, {num_classes}), got {bad}")
+    return torch.tensor(labels, dtype=torch.int64)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m models.ddpm", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train (or --resume) a U-Net; writes OUT/ckpt.pt")
+    t.add_argument("--config", default="digits", choices=sorted(CONFIGS))
+    t.add_argument("--data", default="digits", help="digits | cifar10:DIR | folder:DIR (never downloaded)")
+    t.add_argument("--steps", type=int, default=1500, help="total optimizer steps (about 10 min on 2 CPU cores)")
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--ema", type=float, default=0.999, help="EMA decay (the paper: 0.9999 over 800k steps)")
+    t.add_argument("--timesteps", type=int, default=1000, help="T of the schedule (500 also common)")
+    t.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
+    t.add_argument("--p-uncond", dest="p_uncond", type=float, default=0.1, help="label dropout for CFG")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--out", default="runs/ddpm-digits")
+    t.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=200)
+    t.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt up to --steps")
+    t.add_argument("--eager", action="store_true", help="train the eager build (same weights layout)")
+    t.add_argument("--quiet", action="store_true")
+    s = sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint")
+    s.add_argument("--ckpt", default="runs/ddpm-digits/ckpt.pt")
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
+    s.add_argument("--steps", type=int, default=None, help="reverse steps (default: 50 DDIM, T for DDPM)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    s.add_argument("--labels", default="all", help="class labels, e.g. 0,3,7, or all (one row each)")
+    s.add_argument("--n", type=int, default=8, help="samples per label (per row)")
+    s.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance weight w")
+    s.add_argument("--inpaint", action="store_true", help="complete the bottom half of real images")
+    s.add_argument("--no-ema", dest="no_ema", action="store_true", help="sample the raw weights, not the EMA")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.cmd == "train":
+        train(args)
+    else:
+        if not os.path.exists(args.ckpt):
+            sys.exit(f"no checkpoint at {args.ckpt}: train first (python -m models.ddpm train --out DIR)")
+        sample(args)
+
+
+if __name__ == "__main__":
+    main()
