@@ -9,13 +9,20 @@ DEV_DEPS    := ninja numpy pytest pytest-benchmark expecttest tqdm matplotlib di
 SOURCES     := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 export MAX_JOBS ?= 2
 
-.PHONY: test bench build venv clean gpu-check
+.PHONY: test bench demo build venv clean gpu-check
 
 test: build
 	$(PY) -m pytest tests -q -ra
 
 bench: build
 	$(PY) -m bench $(BENCH_ARGS)
+	$(MAKE) --no-print-directory demo
+
+# The reference models' path end to end, briefly: train the digits DDPM, write a grid of samples.
+demo: build
+	$(PY) -m models.ddpm train --steps $(DEMO_STEPS) --out runs/ddpm-digits-brief --quiet
+	$(PY) -m models.ddpm sample --ckpt runs/ddpm-digits-brief/ckpt.pt --out runs/ddpm-digits-brief/samples.png
+DEMO_STEPS ?= 300
 
 build: genkern/_C.so
 

@@ -315,32 +315,39 @@ __global__ void __launch_bounds__(kClusterThreads)
 #endif
 }
 
-template <typename T, int V, Activation A>
-void launch_cluster_forward(const ForwardCall& c, const at::Tensor& w, const at::Tensor& b, const SliceGeometry& g,
-                            double eps) {
-  auto* kernel = &cluster_forward_kernel<T, V, A>;
-  const size_t smem = static_cast<size_t>(g.slice / V) * sizeof(VecPack<T, V>);
-  static size_t smem_allowed = 0;  // raising the limit once per kernel (and device) is enough
+// Launches `kernel` on `ctas` CTAs of kClusterThreads in clusters of k with `smem` bytes of dynamic
+// shared memory; `smem_allowed` (one per kernel instance) remembers how far its limit was raised.
+template <typename... Params, typename... Args>
+void launch_clusters(void (*kernel)(Params...), int64_t ctas, int k, size_t smem, size_t& smem_allowed,
+                     Args... args) {
   if (smem > smem_allowed) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSliceBytes));
-    smem_allowed = kSliceBytes;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    smem_allowed = smem;
   }
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(c.s.N * c.s.G * g.k));
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
   cfg.blockDim = dim3(kClusterThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = c10::cuda::getCurrentCUDAStream();
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = g.k;
+  attr[0].val.clusterDim.x = k;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, c.x.const_data_ptr<T>(), c.y.mutable_data_ptr<T>(),
-                                    w.const_data_ptr<float>(), b.const_data_ptr<float>(),
-                                    c.mean.mutable_data_ptr<float>(), c.rstd.mutable_data_ptr<float>(), g,
-                                    static_cast<float>(eps)));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
+template <typename T, int V, Activation A>
+void launch_cluster_forward(const ForwardCall& c, const at::Tensor& w, const at::Tensor& b, const SliceGeometry& g,
+                            double eps) {
+  static size_t smem_allowed = 0;
+  const size_t smem = static_cast<size_t>(g.slice / V) * sizeof(VecPack<T, V>);
+  launch_clusters(&cluster_forward_kernel<T, V, A>, c.s.N * c.s.G * g.k, g.k, smem, smem_allowed,
+                  c.x.const_data_ptr<T>(), c.y.mutable_data_ptr<T>(), w.const_data_ptr<float>(),
+                  b.const_data_ptr<float>(), c.mean.mutable_data_ptr<float>(), c.rstd.mutable_data_ptr<float>(), g,
+                  static_cast<float>(eps));
 }
 
 void cluster_forward(const ForwardCall& c, const at::Tensor& w, const at::Tensor& b, const SliceGeometry& g, int vec,
@@ -492,29 +499,12 @@ SliceGeometry make_grad_slice_geometry(const GroupNormShape& s, const at::Tensor
 template <typename T, int V, Activation A>
 void launch_cluster_backward(const BackwardCall& c, const at::Tensor& w, const at::Tensor& b, const SliceGeometry& g,
                              at::Tensor& part) {
-  auto* kernel = &cluster_backward_kernel<T, V, A>;
-  const size_t smem = 2 * static_cast<size_t>(g.slice / V) * sizeof(VecPack<T, V>) + 2 * g.D * sizeof(float);
   static size_t smem_allowed = 0;
-  if (smem > smem_allowed) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    smem_allowed = smem;
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(c.s.N * c.s.G * g.k));
-  cfg.blockDim = dim3(kClusterThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = c10::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = g.k;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, c.dy.const_data_ptr<T>(), c.x.const_data_ptr<T>(),
-                                    c.dx.mutable_data_ptr<T>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
-                                    c.mean.const_data_ptr<float>(), c.rstd.const_data_ptr<float>(),
-                                    part.mutable_data_ptr<float>(), g));
+  const size_t smem = 2 * static_cast<size_t>(g.slice / V) * sizeof(VecPack<T, V>) + 2 * g.D * sizeof(float);
+  launch_clusters(&cluster_backward_kernel<T, V, A>, c.s.N * c.s.G * g.k, g.k, smem, smem_allowed,
+                  c.dy.const_data_ptr<T>(), c.x.const_data_ptr<T>(), c.dx.mutable_data_ptr<T>(),
+                  w.const_data_ptr<float>(), b.const_data_ptr<float>(), c.mean.const_data_ptr<float>(),
+                  c.rstd.const_data_ptr<float>(), part.mutable_data_ptr<float>(), g);
 }
 
 // dx, and (dweight, dbias) as float32 [C] each.
