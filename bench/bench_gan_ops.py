@@ -13,23 +13,10 @@ import torch
 import genkern
 
 from bench.harness import compiled, pytest_benchmark_run
+from models.layers import eager_minibatch_stddev, eager_pixel_norm
 from genkern.ops.gradient_penalty import bytes_moved as gp_bytes
 from genkern.ops.minibatch_stddev import bytes_moved as mb_bytes
 from genkern.ops.pixel_norm import bytes_moved as pn_bytes
-
-
-def eager_pixel_norm(x):
-    return x * torch.rsqrt(torch.mean(x ** 2, dim=1, keepdim=True) + 1e-8)
-
-
-def eager_minibatch_stddev(x, group_size=4, num_channels=1):
-    N, C, H, W = x.shape
-    G = min(group_size, N)
-    y = x.reshape(G, -1, num_channels, C // num_channels, H, W)
-    y = y - y.mean(dim=0)
-    y = (y.square().mean(dim=0) + 1e-8).sqrt()
-    y = y.mean(dim=[2, 3, 4]).reshape(-1, num_channels, 1, 1).repeat(G, 1, H, W)
-    return torch.cat([x, y], dim=1)
 
 
 def eager_penalty(g):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from genkern.diffusion import DDIMScheduler, DDPMScheduler, sample as run_sampler
 
 from . import data
+from .common import add_sample_args, add_train_args, load_checkpoint, require_checkpoint, save_checkpoint, save_grid
 from .ema import EMA
 from .unet import CONFIGS, UNet
 
@@ -38,12 +38,6 @@ def scheduler_kwargs(args_or_dict) -> dict:
 
 def build(run: dict, device, fused: bool = True) -> UNet:
     return UNet(run["config"], fused=fused).to(device)
-
-
-def save(path: str, **state) -> None:
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a checkpoint is never half-written
 
 
 def train(args) -> dict:
@@ -60,7 +54,7 @@ def train(args) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     step = 0
     if args.resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = load_checkpoint(ckpt_path, device)
         if state["run"]["config"] != args.config:
             raise ValueError(f"--resume: {ckpt_path} holds a {state['run']['config']!r} run, not {args.config!r}")
         run = state["run"]
@@ -68,9 +62,6 @@ def train(args) -> dict:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if state.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         step = state["step"]
         print(f"resumed {ckpt_path} at step {step}")
     x_all, y_all = data.load(run["data"], cfg.image_size, cfg.in_channels)
@@ -79,9 +70,8 @@ def train(args) -> dict:
     null = model.null_label
 
     def checkpoint():
-        save(ckpt_path, run=run, step=step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-             generator=gen.get_state(), torch_rng=torch.get_rng_state(),  # dropout draws from torch's RNG
-             cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        save_checkpoint(ckpt_path, device, run=run, step=step, model=model.state_dict(), ema=ema.state_dict(),
+                        opt=opt.state_dict(), generator=gen.get_state())
 
     from tqdm.auto import tqdm
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=args.quiet)
@@ -119,7 +109,7 @@ def train(args) -> dict:
 
 
 def load_for_sampling(ckpt: str, device, use_ema: bool = True, fused: bool = True) -> tuple[UNet, dict]:
-    state = torch.load(ckpt, map_location=device, weights_only=False)
+    state = load_checkpoint(ckpt, device, restore_rng=False)
     model = build(state["run"], device, fused=fused)
     model.load_state_dict(state["ema"]["model"] if use_ema else state["model"])
     return model.eval(), state["run"]
@@ -127,7 +117,6 @@ def load_for_sampling(ckpt: str, device, use_ema: bool = True, fused: bool = Tru
 
 @torch.no_grad()
 def sample(args) -> torch.Tensor:
-    from torchvision.utils import save_image
     device = torch.device(args.device)
     model, run = load_for_sampling(args.ckpt, device, use_ema=not args.no_ema)
     cfg = CONFIGS[run["config"]]
@@ -159,7 +148,7 @@ def sample(args) -> torch.Tensor:
     else:
         out = run_sampler(model, sched, shape_of(args.n), **common)
         grid, nrow = out, int(args.n ** 0.5) or 1
-    save_image(((grid.float() + 1) / 2).clamp(0, 1), args.out, nrow=nrow, padding=1)
+    save_grid(grid, args.out, nrow)
     if not args.quiet:
         print(f"wrote {args.out}")
     return out
@@ -177,25 +166,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m models.ddpm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train (or --resume) a U-Net; writes OUT/ckpt.pt")
+    add_train_args(t, steps=1500, out="runs/ddpm-digits", batch=64, lr=1e-3)
     t.add_argument("--config", default="digits", choices=sorted(CONFIGS))
-    t.add_argument("--data", default="digits", help="digits | cifar10:DIR | folder:DIR (never downloaded)")
-    t.add_argument("--steps", type=int, default=1500, help="total optimizer steps (about 10 min on 2 CPU cores)")
-    t.add_argument("--batch", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--ema", type=float, default=0.999, help="EMA decay (the paper: 0.9999 over 800k steps)")
     t.add_argument("--timesteps", type=int, default=1000, help="T of the schedule (500 also common)")
     t.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
     t.add_argument("--p-uncond", dest="p_uncond", type=float, default=0.1, help="label dropout for CFG")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--out", default="runs/ddpm-digits")
-    t.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=200)
-    t.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt up to --steps")
-    t.add_argument("--eager", action="store_true", help="train the eager build (same weights layout)")
-    t.add_argument("--quiet", action="store_true")
     s = sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint")
-    s.add_argument("--ckpt", default="runs/ddpm-digits/ckpt.pt")
-    s.add_argument("--out", default="samples.png")
+    add_sample_args(s, ckpt="runs/ddpm-digits/ckpt.pt", out="samples.png")
     s.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
     s.add_argument("--steps", type=int, default=None, help="reverse steps (default: 50 DDIM, T for DDPM)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
@@ -204,15 +182,11 @@ def main(argv=None):
     s.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance weight w")
     s.add_argument("--inpaint", action="store_true", help="complete the bottom half of real images")
     s.add_argument("--no-ema", dest="no_ema", action="store_true", help="sample the raw weights, not the EMA")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    s.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.cmd == "train":
         train(args)
     else:
-        if not os.path.exists(args.ckpt):
-            sys.exit(f"no checkpoint at {args.ckpt}: train first (python -m models.ddpm train --out DIR)")
+        require_checkpoint(args.ckpt)
         sample(args)
 
 
