@@ -1,7 +1,9 @@
-"""End-to-end DDPM sampling: the whole reverse loop of the DDPM U-Net (models/unet.py), images/s.
+"""End to end: DDPM sampling with the DDPM U-Net (models/unet.py), images/s, and one WGAN-GP critic
+step of the ProGAN discriminator (models/progan.py), fused vs eager; `--profile` adds where the time
+goes (torch.profiler self time, summed by op class).
 
   python -m bench.e2e --device cuda                  # 256 CIFAR-10-size images, 1000 steps, bf16
-  python -m bench.e2e --device cpu --batch 8 --steps 5 --dtype float32
+  python -m bench.e2e --device cpu --batch 8 --steps 5 --critic --profile
 
 Contenders, the same weights in each:
   eager           torch.nn layers (GroupNorm, then SiLU) and the eager DDPM step as diffusers computes
@@ -11,6 +13,8 @@ Contenders, the same weights in each:
   genkern+graphs  as genkern, with the network call captured once in a CUDA graph and replayed every
                   step (the step itself is one kernel launch with host scalars, so it stays outside)
 The DDPM paper reports 256 CIFAR-10 samples in 17 s on a TPU v3-8 (about 15 images/s).
+The critic step (--critic): D(real), D(fake), the gradient penalty through D's double backward, the
+drift term, backward and an Adam step; fused = genkern's pixel norm / minibatch stddev / penalty.
 """
 from __future__ import annotations
 
@@ -73,6 +77,93 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+# Op classes for the profile summary, first match wins (names as torch.profiler reports them).
+OP_CLASSES = [
+    ("genkern kernels", ("genkern::",)),
+    ("convolution", ("conv", "mkldnn_convolution", "cudnn", "winograd", "implicit_gemm")),
+    ("matmul / attention", ("mm", "matmul", "linear", "attention", "bmm", "gemm", "sdpa", "flash")),
+    ("normalization", ("group_norm", "native_group_norm", "batch_norm", "layer_norm")),
+    ("random numbers", ("randn", "normal", "rand", "philox")),
+    ("autograd / copies", ("copy", "clone", "contiguous", "to_copy", "empty", "zero", "fill", "cat", "stack")),
+    ("elementwise", ("add", "sub", "mul", "div", "silu", "sigmoid", "leaky", "relu", "clamp", "sqrt", "rsqrt",
+                     "pow", "exp", "lerp", "mean", "sum", "norm", "where", "neg", "tanh", "sin", "cos")),
+]
+
+
+def op_class(name: str) -> str:
+    n = name.lower()
+    for cls, keys in OP_CLASSES:
+        if any(k in n for k in keys):
+            return cls
+    return "other"
+
+
+def profile_summary(fn, device, label: str) -> dict:
+    """Self time by op class for one call of fn, printed as a table; returns {class: ms}."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    totals: dict = {}
+    for ev in prof.key_averages():
+        t = ev.self_device_time_total if device == "cuda" else ev.self_cpu_time_total
+        if t > 0 and not ev.key.startswith("ProfilerStep"):
+            totals[op_class(ev.key)] = totals.get(op_class(ev.key), 0.0) + t / 1e3
+    total = sum(totals.values()) or 1.0
+    print(f"  where the time goes, {label} ({'GPU' if device == 'cuda' else 'CPU'} self time):")
+    for cls, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"    {cls:20s} {ms:9.2f} ms  {100 * ms / total:5.1f}%")
+    return totals
+
+
+def critic_step_bench(device, dtype, batch: int, config: str, reps: int, profile: bool) -> dict:
+    """One WGAN-GP critic step of the ProGAN discriminator at full resolution, fused vs eager."""
+    from models import progan
+    torch.manual_seed(0)
+    G = progan.Generator(config, fused=True).to(device=device, dtype=dtype)
+    size = progan.CONFIGS[config]["image_size"]
+    real = torch.rand(batch, progan.CONFIGS[config]["in_channels"], size, size, device=device, dtype=dtype) * 2 - 1
+    z = torch.randn(batch, G.latent, device=device, dtype=dtype)
+    builds = {}
+    for name, fused in (("eager", False), ("genkern", True)):
+        D = progan.Discriminator(config, fused=fused).to(device=device, dtype=dtype)
+        if builds:
+            D.load_state_dict(next(iter(builds.values()))[0].state_dict())
+        builds[name] = (D, torch.optim.Adam(D.parameters(), lr=1e-4, betas=(0.0, 0.99)), fused)
+
+    def step(name):
+        D, opt, fused = builds[name]
+        loss = progan.critic_loss(G, D, real, z, G.num_stages - 1, 1.0, fused)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    times = {n: [] for n in builds}
+    for n in builds:  # warm-up
+        step(n)
+    for _ in range(reps):  # interleaved
+        for n in builds:
+            sync(device)
+            t0 = time.perf_counter()
+            step(n)
+            sync(device)
+            times[n].append(time.perf_counter() - t0)
+    res = {}
+    print(f"WGAN-GP critic step, ProGAN discriminator ({config}, {size}x{size}), batch {batch}, "
+          f"{str(dtype).replace('torch.', '')} on {device}, median of {reps}:")
+    for n, ts in times.items():
+        med = sorted(ts)[len(ts) // 2]
+        res[n] = dict(ms=med * 1e3)
+        print(f"  {n:10s} {med * 1e3:8.2f} ms")
+    res["genkern"]["speedup_vs_eager"] = res["eager"]["ms"] / res["genkern"]["ms"]
+    print(f"  speedup vs eager: {res['genkern']['speedup_vs_eager']:.2f}x")
+    if profile:
+        for n in builds:
+            res[n]["profile_ms"] = profile_summary(lambda n=n: step(n), device, f"critic step, {n}")
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +174,10 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--impls", default="eager,genkern,genkern+graphs")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--critic", action="store_true", help="also time a WGAN-GP critic step of the ProGAN D")
+    p.add_argument("--critic-config", default="cifar10", help="ProGAN config for --critic")
+    p.add_argument("--critic-batch", type=int, default=16)
+    p.add_argument("--profile", action="store_true", help="print where the time goes, by op class")
     args = p.parse_args(argv)
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
@@ -125,6 +220,14 @@ def main(argv=None):
                                  finite=ok)
             print(f"{name:15s} {dt:8.2f} s  {args.batch / dt:8.1f} images/s  {dt / args.steps * 1e3:7.2f} ms/step"
                   f"{'' if ok else '  NON-FINITE OUTPUT'}", flush=True)
+        if args.profile:
+            short = DDPMScheduler(num_train_timesteps=args.steps)
+            short.set_timesteps(1)
+            for name in impls:
+                results[name]["profile_ms_one_step"] = profile_summary(lambda n=name: run(n, short), device,
+                                                                       f"one sampling step, {name}")
+    critic = critic_step_bench(device, dtype, args.critic_batch, args.critic_config, 10, args.profile) \
+        if args.critic else None
     base = results.get("eager", {}).get("seconds")
     if base:
         for name, r in results.items():
@@ -135,7 +238,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(dict(config=args.config, batch=args.batch, steps=args.steps, dtype=str(dtype), device=device,
                            device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                           torch=torch.__version__, results=results), f, indent=1)
+                           torch=torch.__version__, results=results, critic_step=critic), f, indent=1)
 
 
 if __name__ == "__main__":
