@@ -1,9 +1,11 @@
 """Reference generative models built on genkern's fused layers, runnable as `python -m models.<name>`.
 
-* models/unet.py: the DDPM U-Net (Ho et al. 2020), fused and eager builds of the same weights;
-* models/ddpm.py: its training and sampling entry points (`python -m models.ddpm train|sample`);
-* models/data.py: real training data without downloads (scikit-learn's digits; local CIFAR-10 or
-  image folders); models/ema.py: the weight EMA.
+* models/unet.py + models/ddpm.py: the DDPM U-Net (Ho et al. 2020), `python -m models.ddpm train|sample`;
+* models/progan.py: ProGAN with WGAN-GP and progressive growing;
+* models/dcgan.py: DCGAN, class-conditional, and its WGAN-GP critic variant;
+* models/vae.py: a convolutional VAE with GroupNorm+SiLU ResNet blocks.
 
-Planned (see the project's issues): a ProGAN trained with WGAN-GP, a DCGAN and a convolutional VAE.
+Each has a fused and an eager build of the same weights (`fused=` or `--eager`). Shared pieces:
+models/data.py (real data without downloads), models/layers.py (eager GAN ops, equalized-LR layers,
+slerp), models/common.py (checkpoints, command-line options, grids), models/ema.py.
 """
