@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 
@@ -61,3 +62,68 @@ def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     """Images in [-1, 1] as a PNG grid (torchvision.utils.save_image)."""
     from torchvision.utils import save_image
     save_image(((images.detach().float().cpu() + 1) / 2).clamp(0, 1), path, nrow=nrow, padding=1)
+
+
+class TrainRun:
+    """What every model's `train` shares besides the model: the run folder and its checkpoint,
+    resuming (the `stateful` modules and optimizers, the data-order generator `gen`, torch's RNG),
+    periodic checkpoints and the progress bar. Build the models and optimizers (after
+    torch.manual_seed(args.seed)) first, then:
+
+        tr = TrainRun(args, run, {"model": model, "opt": opt})
+        ... load data with tr.run (a resumed run keeps its own settings), draw batches from tr.gen ...
+        return tr.loop(one_step)   # one_step() -> (record, progress-bar text)
+    """
+
+    def __init__(self, args, run: dict, stateful: dict):
+        self.args, self.device = args, torch.device(args.device)
+        os.makedirs(args.out, exist_ok=True)
+        self.path = os.path.join(args.out, "ckpt.pt")
+        self.run, self.stateful = run, stateful
+        self.gen = torch.Generator().manual_seed(args.seed)
+        self.step = 0
+        if args.resume and os.path.exists(self.path):
+            state = load_checkpoint(self.path, self.device)
+            if state["run"].get("config") != run.get("config"):
+                raise ValueError(f"--resume: {self.path} holds a {state['run'].get('config')!r} run, "
+                                 f"not {run.get('config')!r}")
+            self.run = state["run"]
+            for key, m in stateful.items():
+                m.load_state_dict(state[key])
+            self.gen.set_state(state["generator"])
+            self.step = state["step"]
+            if not args.quiet:
+                print(f"resumed {self.path} at step {self.step}")
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.path, self.device, run=self.run, step=self.step, generator=self.gen.get_state(),
+                        **{key: m.state_dict() for key, m in self.stateful.items()})
+
+    def loop(self, one_step) -> dict:
+        """Calls one_step() up to args.steps (checkpointing every args.ckpt_every and at the end)."""
+        from tqdm.auto import tqdm
+        bar = tqdm(total=self.args.steps, initial=self.step, desc="train", disable=self.args.quiet)
+        history, t0 = [], time.time()
+        while self.step < self.args.steps:
+            record, text = one_step()
+            self.step += 1
+            history.append(record)
+            bar.update(1)
+            bar.set_postfix_str(text)
+            if self.args.ckpt_every and self.step % self.args.ckpt_every == 0:
+                self.checkpoint()
+        bar.close()
+        self.checkpoint()
+        took = time.time() - t0
+        if not self.args.quiet:
+            print(f"{len(history)} steps in {took:.0f} s; checkpoint {self.path}")
+        return {"steps": self.step, "history": history, "seconds": took, "checkpoint": self.path}
+
+
+def run_cli(args, train, sample) -> None:
+    """Dispatches the parsed `train` / `sample` sub-command."""
+    if args.cmd == "train":
+        train(args)
+    else:
+        require_checkpoint(args.ckpt)
+        sample(args)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +24,7 @@ from torch import nn
 import genkern
 
 from . import data
-from .common import add_sample_args, add_train_args, load_checkpoint, require_checkpoint, save_checkpoint, save_grid
+from .common import TrainRun, add_sample_args, add_train_args, load_checkpoint, run_cli, save_grid
 from .layers import eager_gradient_penalty, slerp
 
 CONFIGS = {
@@ -128,8 +126,6 @@ def train(args) -> dict:
         args.lr = 2e-4 if args.loss == "gan" else 1e-4
     run = {k: getattr(args, k) for k in ("config", "data", "batch", "lr", "loss", "conditional", "n_critic", "seed")}
     cfg = CONFIGS[args.config]
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
     torch.manual_seed(args.seed)
     fused = not args.eager
     G, D = build(run, device)
@@ -138,15 +134,8 @@ def train(args) -> dict:
     betas = (0.5, 0.999) if args.loss == "gan" else (0.5, 0.9)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas)
-    gen = torch.Generator().manual_seed(args.seed)
-    step = 0
-    if args.resume and os.path.exists(ckpt_path):
-        state = load_checkpoint(ckpt_path, device)
-        run = state["run"]
-        for m, k in ((G, "G"), (D, "D"), (opt_g, "opt_g"), (opt_d, "opt_d")):
-            m.load_state_dict(state[k])
-        gen.set_state(state["generator"])
-        step = state["step"]
+    tr = TrainRun(args, run, {"G": G, "D": D, "opt_g": opt_g, "opt_d": opt_d})
+    run, gen = tr.run, tr.gen
     x_all, y_all = data.load(run["data"], cfg["image_size"], cfg["in_channels"])
     n_critic = run["n_critic"] if run["loss"] == "wgan-gp" else 1
 
@@ -156,15 +145,7 @@ def train(args) -> dict:
         labels = y_all[idx].to(device) if run["conditional"] else None
         return x_all[idx].to(device), labels, z
 
-    def checkpoint():
-        save_checkpoint(ckpt_path, device, run=run, step=step, G=G.state_dict(), D=D.state_dict(),
-                        opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), generator=gen.get_state())
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=args.steps, initial=step, desc="train", disable=args.quiet)
-    history = []
-    t0 = time.time()
-    while step < args.steps:
+    def one_step():
         for _ in range(n_critic):
             real, labels, z = batch()
             d_loss = discriminator_loss(G, D, real, labels, z, run["loss"], fused)
@@ -176,15 +157,10 @@ def train(args) -> dict:
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
-        step += 1
-        history.append((d_loss.item(), g_loss.item()))
-        bar.update(1)
-        bar.set_postfix_str(f"D {d_loss.item():.3f} G {g_loss.item():.3f}")
-        if args.ckpt_every and step % args.ckpt_every == 0:
-            checkpoint()
-    bar.close()
-    checkpoint()
-    return {"steps": step, "history": history, "seconds": time.time() - t0, "checkpoint": ckpt_path}
+        d, g = d_loss.item(), g_loss.item()
+        return (d, g), f"D {d:.3f} G {g:.3f}"
+
+    return tr.loop(one_step)
 
 
 @torch.no_grad()
@@ -220,12 +196,7 @@ def main(argv=None):
     s = sub.add_parser("sample", help="a grid of samples (a row per class) and a latent slerp strip (last row)")
     add_sample_args(s, ckpt="runs/dcgan-digits/ckpt.pt", out="dcgan.png")
     s.add_argument("--n", type=int, default=8, help="samples per row")
-    args = p.parse_args(argv)
-    if args.cmd == "train":
-        train(args)
-    else:
-        require_checkpoint(args.ckpt)
-        sample(args)
+    run_cli(p.parse_args(argv), train, sample)
 
 
 if __name__ == "__main__":

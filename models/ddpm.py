@@ -16,8 +16,6 @@ and writes a PNG grid (torchvision.utils.save_image): one row per class label, o
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +23,7 @@ import torch.nn.functional as F
 from genkern.diffusion import DDIMScheduler, DDPMScheduler, sample as run_sampler
 
 from . import data
-from .common import add_sample_args, add_train_args, load_checkpoint, require_checkpoint, save_checkpoint, save_grid
+from .common import TrainRun, add_sample_args, add_train_args, load_checkpoint, run_cli, save_grid
 from .ema import EMA
 from .unet import CONFIGS, UNet
 
@@ -45,40 +43,19 @@ def train(args) -> dict:
     run = {k: getattr(args, k) for k in ("config", "timesteps", "schedule", "data", "batch", "lr", "ema",
                                          "p_uncond", "seed")}
     cfg = CONFIGS[args.config]
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
     torch.manual_seed(args.seed)
     model = build(run, device, fused=not args.eager)
     ema = EMA(model, args.ema)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(args.seed)
-    step = 0
-    if args.resume and os.path.exists(ckpt_path):
-        state = load_checkpoint(ckpt_path, device)
-        if state["run"]["config"] != args.config:
-            raise ValueError(f"--resume: {ckpt_path} holds a {state['run']['config']!r} run, not {args.config!r}")
-        run = state["run"]
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["generator"])
-        step = state["step"]
-        print(f"resumed {ckpt_path} at step {step}")
+    tr = TrainRun(args, run, {"model": model, "ema": ema, "opt": opt})
+    run, gen = tr.run, tr.gen
     x_all, y_all = data.load(run["data"], cfg.image_size, cfg.in_channels)
     sched = DDPMScheduler(**scheduler_kwargs(run))
-    T = run["timesteps"]
-    null = model.null_label
-
-    def checkpoint():
-        save_checkpoint(ckpt_path, device, run=run, step=step, model=model.state_dict(), ema=ema.state_dict(),
-                        opt=opt.state_dict(), generator=gen.get_state())
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=args.steps, initial=step, desc="train", disable=args.quiet)
-    losses = []
+    T, null = run["timesteps"], model.null_label
     model.train()
-    t0 = time.time()
-    while step < args.steps:
+    recent = []
+
+    def one_step():
         idx = torch.randint(0, x_all.shape[0], (run["batch"],), generator=gen)
         x0 = x_all[idx].to(device)
         t = torch.randint(0, T, (run["batch"],), generator=gen).to(device)
@@ -87,25 +64,16 @@ def train(args) -> dict:
         if null is not None:
             drop = torch.rand(run["batch"], generator=gen) < run["p_uncond"]
             labels = torch.where(drop, torch.full_like(y_all[idx], null), y_all[idx]).to(device)
-        xt = sched.add_noise(x0, noise, t)
-        loss = F.mse_loss(model(xt, t, labels), noise)
+        loss = F.mse_loss(model(sched.add_noise(x0, noise, t), t, labels), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema.update(model)
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix_str(f"loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        if args.ckpt_every and step % args.ckpt_every == 0:
-            checkpoint()
-    bar.close()
-    checkpoint()
-    took = time.time() - t0
-    if not args.quiet:
-        print(f"{len(losses)} steps in {took:.0f} s; checkpoint {ckpt_path}")
-    return {"steps": step, "losses": losses, "seconds": took, "checkpoint": ckpt_path}
+        recent[:] = (recent + [loss.item()])[-50:]
+        return loss.item(), f"loss {sum(recent) / len(recent):.4f}"
+
+    return tr.loop(one_step)
 
 
 def load_for_sampling(ckpt: str, device, use_ema: bool = True, fused: bool = True) -> tuple[UNet, dict]:
@@ -182,12 +150,7 @@ def main(argv=None):
     s.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance weight w")
     s.add_argument("--inpaint", action="store_true", help="complete the bottom half of real images")
     s.add_argument("--no-ema", dest="no_ema", action="store_true", help="sample the raw weights, not the EMA")
-    args = p.parse_args(argv)
-    if args.cmd == "train":
-        train(args)
-    else:
-        require_checkpoint(args.ckpt)
-        sample(args)
+    run_cli(p.parse_args(argv), train, sample)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ eager versions of the same (models/layers.py); the weights are the same either w
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +25,7 @@ from torch import nn
 import genkern
 
 from . import data
-from .common import add_sample_args, add_train_args, load_checkpoint, require_checkpoint, save_checkpoint, save_grid
+from .common import TrainRun, add_sample_args, add_train_args, load_checkpoint, run_cli, save_grid
 from .layers import EqualizedConv2d, EqualizedLinear, eager_gradient_penalty, minibatch_stddev, pixel_norm, slerp
 
 CONFIGS = {
@@ -143,34 +141,17 @@ def train(args) -> dict:
     device = torch.device(args.device)
     run = {k: getattr(args, k) for k in ("config", "data", "batch", "lr", "phase", "seed")}
     cfg = CONFIGS[args.config]
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
     torch.manual_seed(args.seed)
     fused = not args.eager
     G, D = Generator(args.config, fused).to(device), Discriminator(args.config, fused).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
-    gen = torch.Generator().manual_seed(args.seed)
-    step = 0
-    if args.resume and os.path.exists(ckpt_path):
-        state = load_checkpoint(ckpt_path, device)
-        run = state["run"]
-        for m, k in ((G, "G"), (D, "D"), (opt_g, "opt_g"), (opt_d, "opt_d")):
-            m.load_state_dict(state[k])
-        gen.set_state(state["generator"])
-        step = state["step"]
+    tr = TrainRun(args, run, {"G": G, "D": D, "opt_g": opt_g, "opt_d": opt_d})
+    run, gen = tr.run, tr.gen
     x_all, _ = data.load(run["data"], cfg["image_size"], cfg["in_channels"])
 
-    def checkpoint():
-        save_checkpoint(ckpt_path, device, run=run, step=step, G=G.state_dict(), D=D.state_dict(),
-                        opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(), generator=gen.get_state())
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=args.steps, initial=step, desc="train", disable=args.quiet)
-    history = []
-    t0 = time.time()
-    while step < args.steps:
-        stage, alpha = schedule(step, G.num_stages, run["phase"])
+    def one_step():
+        stage, alpha = schedule(tr.step, G.num_stages, run["phase"])
         idx = torch.randint(0, x_all.shape[0], (run["batch"],), generator=gen)
         real = real_at(x_all[idx], stage, alpha).to(device)
         z = torch.randn(run["batch"], G.latent, generator=gen).to(device)
@@ -183,15 +164,10 @@ def train(args) -> dict:
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
-        step += 1
-        history.append((d_loss.item(), g_loss.item()))
-        bar.update(1)
-        bar.set_postfix_str(f"{4 * 2 ** stage}px a={alpha:.2f} D {d_loss.item():.3f} G {g_loss.item():.3f}")
-        if args.ckpt_every and step % args.ckpt_every == 0:
-            checkpoint()
-    bar.close()
-    checkpoint()
-    return {"steps": step, "history": history, "seconds": time.time() - t0, "checkpoint": ckpt_path}
+        d, g = d_loss.item(), g_loss.item()
+        return (d, g), f"{4 * 2 ** stage}px a={alpha:.2f} D {d:.3f} G {g:.3f}"
+
+    return tr.loop(one_step)
 
 
 @torch.no_grad()
@@ -221,12 +197,7 @@ def main(argv=None):
     s = sub.add_parser("sample", help="a grid of samples and a latent slerp strip (last row)")
     add_sample_args(s, ckpt="runs/progan-digits/ckpt.pt", out="progan.png")
     s.add_argument("--n", type=int, default=8, help="grid side (and strip length)")
-    args = p.parse_args(argv)
-    if args.cmd == "train":
-        train(args)
-    else:
-        require_checkpoint(args.ckpt)
-        sample(args)
+    run_cli(p.parse_args(argv), train, sample)
 
 
 if __name__ == "__main__":

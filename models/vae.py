@@ -14,15 +14,12 @@ every GroupNorm+SiLU as one genkern kernel; the eager build has the same paramet
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import data
-from .common import add_sample_args, add_train_args, load_checkpoint, require_checkpoint, save_checkpoint, save_grid
+from .common import TrainRun, add_sample_args, add_train_args, load_checkpoint, run_cli, save_grid
 from .layers import group_norm_silu, slerp
 
 CONFIGS = {
@@ -93,31 +90,14 @@ def train(args) -> dict:
     device = torch.device(args.device)
     run = {k: getattr(args, k) for k in ("config", "data", "batch", "lr", "sigma", "beta", "seed")}
     cfg = CONFIGS[args.config]
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
     torch.manual_seed(args.seed)
     model = VAE(args.config, fused=not args.eager).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(args.seed)
-    step = 0
-    if args.resume and os.path.exists(ckpt_path):
-        state = load_checkpoint(ckpt_path, device)
-        run = state["run"]
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["generator"])
-        step = state["step"]
+    tr = TrainRun(args, run, {"model": model, "opt": opt})
+    run, gen = tr.run, tr.gen
     x_all, _ = data.load(run["data"], cfg["image_size"], cfg["in_channels"])
 
-    def checkpoint():
-        save_checkpoint(ckpt_path, device, run=run, step=step, model=model.state_dict(), opt=opt.state_dict(),
-                        generator=gen.get_state())
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=args.steps, initial=step, desc="train", disable=args.quiet)
-    losses = []
-    t0 = time.time()
-    while step < args.steps:
+    def one_step():
         idx = torch.randint(0, x_all.shape[0], (run["batch"],), generator=gen)
         x = x_all[idx].to(device)
         recon, mu, logvar = model(x, generator=gen)
@@ -125,15 +105,9 @@ def train(args) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix_str(f"-ELBO {loss.item():.1f} (rec {parts['rec']:.1f}, KL {parts['kl']:.1f})")
-        if args.ckpt_every and step % args.ckpt_every == 0:
-            checkpoint()
-    bar.close()
-    checkpoint()
-    return {"steps": step, "losses": losses, "seconds": time.time() - t0, "checkpoint": ckpt_path}
+        return loss.item(), f"-ELBO {loss.item():.1f} (rec {parts['rec']:.1f}, KL {parts['kl']:.1f})"
+
+    return tr.loop(one_step)
 
 
 @torch.no_grad()
@@ -168,12 +142,7 @@ def main(argv=None):
     s = sub.add_parser("sample", help="decoded samples and a slerp strip between two encoded digits")
     add_sample_args(s, ckpt="runs/vae-digits/ckpt.pt", out="vae.png")
     s.add_argument("--n", type=int, default=8, help="grid side (and strip length)")
-    args = p.parse_args(argv)
-    if args.cmd == "train":
-        train(args)
-    else:
-        require_checkpoint(args.ckpt)
-        sample(args)
+    run_cli(p.parse_args(argv), train, sample)
 
 
 if __name__ == "__main__":
