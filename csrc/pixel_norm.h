@@ -43,6 +43,22 @@ inline void check_pixel_norm_backward(const at::Tensor& grad_y, const at::Tensor
                     " elements on x's device, got ", rstd.scalar_type(), " with ", rstd.numel());
 }
 
+// The forward's input in the kernel layout and its outputs (y like x, rstd float32 [N, P]).
+struct PixelNormForwardCall {
+  at::Tensor x, y, rstd;
+  PixelNormShape s;
+};
+
+inline PixelNormForwardCall prepare_pixel_norm_forward(const at::Tensor& x_in, double eps) {
+  check_pixel_norm_eps(eps);
+  PixelNormForwardCall c;
+  c.x = to_kernel_layout(x_in);
+  c.s = pixel_norm_shape(c.x, "pixel_norm");
+  c.y = at::empty_like(c.x);
+  c.rstd = at::empty({c.s.N, c.s.P}, c.x.options().dtype(at::kFloat));
+  return c;
+}
+
 // The backward's operands in the kernel layout (dy brought to x's strides) and its output.
 struct PixelNormBackwardCall {
   at::Tensor x, dy, rstd, dx;

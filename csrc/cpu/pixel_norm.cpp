@@ -154,11 +154,9 @@ void backward_row(const T* dy, const T* x, float r, T* dx, int64_t C) {
 bool by_rows(const PixelNormShape& s) { return s.channels_last || s.P == 1; }
 
 std::tuple<at::Tensor, at::Tensor> pixel_norm(const at::Tensor& x_in, double eps) {
-  check_pixel_norm_eps(eps);
-  const auto x = to_kernel_layout(x_in);
-  const auto s = pixel_norm_shape(x, "pixel_norm");
-  auto y = at::empty_like(x);
-  auto rstd = at::empty({s.N, s.P}, x.options().dtype(at::kFloat));
+  const PixelNormForwardCall call = prepare_pixel_norm_forward(x_in, eps);
+  const at::Tensor &x = call.x, &y = call.y, &rstd = call.rstd;
+  const PixelNormShape& s = call.s;
   if (x.numel() == 0) return {y, rstd};
   const float e = static_cast<float>(eps);
   GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "pixel_norm_cpu", [&] {

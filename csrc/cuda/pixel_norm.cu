@@ -82,11 +82,9 @@ int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads
 
 std::tuple<at::Tensor, at::Tensor> pixel_norm_cuda(const at::Tensor& x_in, double eps) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  check_pixel_norm_eps(eps);
-  const auto x = to_kernel_layout(x_in);
-  const auto s = pixel_norm_shape(x, "pixel_norm");
-  auto y = at::empty_like(x);
-  auto rstd = at::empty({s.N, s.P}, x.options().dtype(at::kFloat));
+  const PixelNormForwardCall call = prepare_pixel_norm_forward(x_in, eps);
+  const at::Tensor &x = call.x, &y = call.y, &rstd = call.rstd;
+  const PixelNormShape& s = call.s;
   if (x.numel() == 0) return {y, rstd};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool rows = s.channels_last || s.P == 1;
