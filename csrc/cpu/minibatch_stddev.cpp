@@ -3,6 +3,7 @@
 // G samples of the column, accumulates sqrt(var + eps) and writes the G rows of out as it goes.
 // Channels-last: a task owns a range of pixels of one column, vectorised along the channels.
 // The per-task sums are reduced in double; the F statistic channels are filled afterwards (N F H W values).
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -15,51 +16,62 @@
 namespace genkern::cpu {
 namespace {
 
+// One position of the group's G samples, at x_at(g) (read) and o_at(g) (the copy into out): the
+// first walk copies and sums, the second (from L1) sums the squared deviations. Returns
+// sqrt(var + eps), for 2 * kVec lanes (group_std) or one element (group_std_one).
+template <typename T, typename XAt, typename OAt>
+inline std::pair<Vec, Vec> group_std(const XAt& x_at, const OAt& o_at, int64_t G, float eps) {
+  using IO = VecIO<T>;
+  Vec s0(0.0f), s1(0.0f);
+  for (int64_t g = 0; g < G; ++g) {
+    Vec a, b;
+    IO::load(x_at(g), a, b);
+    IO::store(o_at(g), a, b);
+    s0 = s0 + a;
+    s1 = s1 + b;
+  }
+  const Vec inv(1.0f / G), m0 = s0 * inv, m1 = s1 * inv;
+  Vec v0(0.0f), v1(0.0f);
+  for (int64_t g = 0; g < G; ++g) {
+    Vec a, b;
+    IO::load(x_at(g), a, b);
+    v0 = v0 + (a - m0) * (a - m0);
+    v1 = v1 + (b - m1) * (b - m1);
+  }
+  return {(v0 * inv + Vec(eps)).sqrt(), (v1 * inv + Vec(eps)).sqrt()};
+}
+
+template <typename T, typename XAt, typename OAt>
+inline float group_std_one(const XAt& x_at, const OAt& o_at, int64_t G, float eps) {
+  float sum = 0.0f, var = 0.0f;
+  for (int64_t g = 0; g < G; ++g) {
+    *o_at(g) = *x_at(g);
+    sum += static_cast<float>(*x_at(g));
+  }
+  const float mu = sum / G;
+  for (int64_t g = 0; g < G; ++g) {
+    const float d = static_cast<float>(*x_at(g)) - mu;
+    var += d * d;
+  }
+  return std::sqrt(var / G + eps);
+}
+
 // NCHW: a run of positions j in [j0, j1) of slice f (channel f c + j / P, pixel j % P: contiguous in
 // every sample) for column m; returns the sum of sqrt(var + eps) over the run.
 template <typename T>
 double forward_nchw_run(const T* x, T* out, const MbstdShape& s, int64_t m, int64_t f, int64_t j0, int64_t j1,
                         float eps) {
-  using IO = VecIO<T>;
-  const int64_t G = s.G, slab = f * s.c * s.P;
-  auto xrow = [&](int64_t g) { return x + (g * s.M + m) * s.C * s.P + slab; };
-  auto orow = [&](int64_t g) { return out + (g * s.M + m) * (s.C + s.F) * s.P + slab; };
+  const int64_t slab = f * s.c * s.P;
+  int64_t j = j0;
+  auto x_at = [&](int64_t g) { return x + (g * s.M + m) * s.C * s.P + slab + j; };
+  auto o_at = [&](int64_t g) { return out + (g * s.M + m) * (s.C + s.F) * s.P + slab + j; };
   Vec acc(0.0f);
   double acc_s = 0.0;
-  int64_t j = j0;
-  // two walks over the G samples (the second from L1): mean and copy, then the variance
-  for (; j + IO::kStep <= j1; j += IO::kStep) {
-    Vec s0(0.0f), s1(0.0f);
-    for (int64_t g = 0; g < G; ++g) {
-      Vec a, b;
-      IO::load(xrow(g) + j, a, b);
-      IO::store(orow(g) + j, a, b);
-      s0 = s0 + a;
-      s1 = s1 + b;
-    }
-    const Vec inv(1.0f / G), m0 = s0 * inv, m1 = s1 * inv;
-    Vec v0(0.0f), v1(0.0f);
-    for (int64_t g = 0; g < G; ++g) {
-      Vec a, b;
-      IO::load(xrow(g) + j, a, b);
-      v0 = v0 + (a - m0) * (a - m0);
-      v1 = v1 + (b - m1) * (b - m1);
-    }
-    acc = acc + (v0 * inv + Vec(eps)).sqrt() + (v1 * inv + Vec(eps)).sqrt();
+  for (; j + VecIO<T>::kStep <= j1; j += VecIO<T>::kStep) {
+    const auto [r0, r1] = group_std<T>(x_at, o_at, s.G, eps);
+    acc = acc + r0 + r1;
   }
-  for (; j < j1; ++j) {
-    float sum = 0.0f, var = 0.0f;
-    for (int64_t g = 0; g < G; ++g) {
-      orow(g)[j] = xrow(g)[j];
-      sum += static_cast<float>(xrow(g)[j]);
-    }
-    const float mu = sum / G;
-    for (int64_t g = 0; g < G; ++g) {
-      const float d = static_cast<float>(xrow(g)[j]) - mu;
-      var += d * d;
-    }
-    acc_s += std::sqrt(var / G + eps);
-  }
+  for (; j < j1; ++j) acc_s += group_std_one<T>(x_at, o_at, s.G, eps);
   return static_cast<double>(hsum(acc)) + acc_s;
 }
 
@@ -67,46 +79,17 @@ double forward_nchw_run(const T* x, T* out, const MbstdShape& s, int64_t m, int6
 template <typename T>
 void forward_cl_pixels(const T* x, T* out, const MbstdShape& s, int64_t m, int64_t p0, int64_t p1, float eps,
                        float* sums) {
-  const int64_t C = s.C, G = s.G, CF = s.C + s.F;
-  using IO = VecIO<T>;
+  const int64_t C = s.C, CF = s.C + s.F;
   for (int64_t p = p0; p < p1; ++p) {
     int64_t ch = 0;
-    for (; ch + IO::kStep <= C; ch += IO::kStep) {
-      Vec s0(0.0f), s1(0.0f);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t i = g * s.M + m;
-        Vec a, b;
-        IO::load(x + (i * s.P + p) * C + ch, a, b);
-        IO::store(out + (i * s.P + p) * CF + ch, a, b);
-        s0 = s0 + a;
-        s1 = s1 + b;
-      }
-      const Vec inv(1.0f / G), m0 = s0 * inv, m1 = s1 * inv;
-      Vec v0(0.0f), v1(0.0f);
-      for (int64_t g = 0; g < G; ++g) {
-        Vec a, b;
-        IO::load(x + ((g * s.M + m) * s.P + p) * C + ch, a, b);
-        v0 = v0 + (a - m0) * (a - m0);
-        v1 = v1 + (b - m1) * (b - m1);
-      }
-      (Vec::loadu(sums + ch) + (v0 * inv + Vec(eps)).sqrt()).store(sums + ch);
-      (Vec::loadu(sums + ch + kVec) + (v1 * inv + Vec(eps)).sqrt()).store(sums + ch + kVec);
+    auto x_at = [&](int64_t g) { return x + ((g * s.M + m) * s.P + p) * C + ch; };
+    auto o_at = [&](int64_t g) { return out + ((g * s.M + m) * s.P + p) * CF + ch; };
+    for (; ch + VecIO<T>::kStep <= C; ch += VecIO<T>::kStep) {
+      const auto [r0, r1] = group_std<T>(x_at, o_at, s.G, eps);
+      (Vec::loadu(sums + ch) + r0).store(sums + ch);
+      (Vec::loadu(sums + ch + kVec) + r1).store(sums + ch + kVec);
     }
-    for (; ch < C; ++ch) {
-      float sum = 0.0f, var = 0.0f;
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t i = g * s.M + m;
-        const T v = x[(i * s.P + p) * C + ch];
-        out[(i * s.P + p) * CF + ch] = v;
-        sum += static_cast<float>(v);
-      }
-      const float mu = sum / G;
-      for (int64_t g = 0; g < G; ++g) {
-        const float d = static_cast<float>(x[((g * s.M + m) * s.P + p) * C + ch]) - mu;
-        var += d * d;
-      }
-      sums[ch] += std::sqrt(var / G + eps);
-    }
+    for (; ch < C; ++ch) sums[ch] += group_std_one<T>(x_at, o_at, s.G, eps);
   }
 }
 
