@@ -15,58 +15,67 @@ BLOCK = 1024
 
 
 @triton.jit
-def _offsets(j, c, P, f, sC, sP):
-    cc = j // P
-    p = j - cc * P
+def _offsets(j, c, P, f, sC, sP, CL: tl.constexpr):
+    # position j of slice f is (channel cc, pixel p): pixel-major in channels-last memory (cc fastest),
+    # channel-major in NCHW (p fastest), so that neighbouring lanes touch neighbouring addresses
+    if CL:
+        p = j // c
+        cc = j - p * c
+    else:
+        cc = j // P
+        p = j - cc * P
     return (f * c + cc).to(tl.int64) * sC + p.to(tl.int64) * sP
 
 
 @triton.jit
-def _forward(x_ptr, out_ptr, part_ptr, M, F, c, P, G, sxN, sxC, sxP, soN, soC, soP, eps, n_blocks,
-             BLOCK: tl.constexpr):
+def _column(F, c, P, BLOCK: tl.constexpr):
+    """This program's (column m, slice f), its block of positions j and their mask."""
     mf = tl.program_id(0)
     m = mf // F
-    f = mf - m * F
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    valid = j < c * P
-    xo = _offsets(j, c, P, f, sxC, sxP)
-    oo = _offsets(j, c, P, f, soC, soP)
-    mean = tl.zeros((BLOCK,), tl.float32)
-    for g in range(0, G):
-        i = (g * M + m).to(tl.int64)
-        v = tl.load(x_ptr + i * sxN + xo, mask=valid, other=0.0)
-        tl.store(out_ptr + i * soN + oo, v, mask=valid)
-        mean += v.to(tl.float32)
-    mean = mean / G
+    return mf, m, mf - m * F, j, j < c * P
+
+
+@triton.jit
+def _variance(x_ptr, xo, sxN, M, m, G, mean, valid, BLOCK: tl.constexpr):
+    """Biased variance over the group's G samples (second walk, around a known mean)."""
     var = tl.zeros((BLOCK,), tl.float32)
     for g in range(0, G):
         i = (g * M + m).to(tl.int64)
         d = tl.load(x_ptr + i * sxN + xo, mask=valid, other=0.0).to(tl.float32) - mean
         var += d * d
-    s = tl.where(valid, tl.sqrt(var / G + eps), 0.0)
+    return var / G
+
+
+@triton.jit
+def _forward(x_ptr, out_ptr, part_ptr, M, F, c, P, G, sxN, sxC, sxP, soN, soC, soP, eps, n_blocks,
+             BLOCK: tl.constexpr, CL: tl.constexpr):
+    mf, m, f, j, valid = _column(F, c, P, BLOCK)
+    xo = _offsets(j, c, P, f, sxC, sxP, CL)
+    oo = _offsets(j, c, P, f, soC, soP, CL)
+    mean = tl.zeros((BLOCK,), tl.float32)
+    for g in range(0, G):  # first walk: the copy into out, and the mean
+        i = (g * M + m).to(tl.int64)
+        v = tl.load(x_ptr + i * sxN + xo, mask=valid, other=0.0)
+        tl.store(out_ptr + i * soN + oo, v, mask=valid)
+        mean += v.to(tl.float32)
+    var = _variance(x_ptr, xo, sxN, M, m, G, mean / G, valid, BLOCK)
+    s = tl.where(valid, tl.sqrt(var + eps), 0.0)
     tl.store(part_ptr + mf * n_blocks + tl.program_id(1), tl.sum(s, axis=0))
 
 
 @triton.jit
-def _backward(go_ptr, x_ptr, k_ptr, dx_ptr, M, F, c, P, G, sxN, sxC, sxP, sgN, sgC, sgP, eps, BLOCK: tl.constexpr):
-    mf = tl.program_id(0)
-    m = mf // F
-    f = mf - m * F
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    valid = j < c * P
-    xo = _offsets(j, c, P, f, sxC, sxP)
-    go = _offsets(j, c, P, f, sgC, sgP)
+def _backward(go_ptr, x_ptr, k_ptr, dx_ptr, M, F, c, P, G, sxN, sxC, sxP, sgN, sgC, sgP, eps, BLOCK: tl.constexpr,
+              CL: tl.constexpr):
+    mf, m, f, j, valid = _column(F, c, P, BLOCK)
+    xo = _offsets(j, c, P, f, sxC, sxP, CL)
+    go = _offsets(j, c, P, f, sgC, sgP, CL)
     mean = tl.zeros((BLOCK,), tl.float32)
     for g in range(0, G):
         i = (g * M + m).to(tl.int64)
         mean += tl.load(x_ptr + i * sxN + xo, mask=valid, other=0.0).to(tl.float32)
     mean = mean / G
-    var = tl.zeros((BLOCK,), tl.float32)
-    for g in range(0, G):
-        i = (g * M + m).to(tl.int64)
-        d = tl.load(x_ptr + i * sxN + xo, mask=valid, other=0.0).to(tl.float32) - mean
-        var += d * d
-    scale = tl.load(k_ptr + mf) / tl.sqrt(var / G + eps)
+    scale = tl.load(k_ptr + mf) / tl.sqrt(_variance(x_ptr, xo, sxN, M, m, G, mean, valid, BLOCK) + eps)
     for g in range(0, G):
         i = (g * M + m).to(tl.int64)
         v = tl.load(x_ptr + i * sxN + xo, mask=valid, other=0.0).to(tl.float32)
@@ -98,7 +107,7 @@ def forward(x: torch.Tensor, group_size: int, num_channels: int, eps: float) -> 
     n_blocks = triton.cdiv(c * P, BLOCK)
     part = torch.empty((M * F, n_blocks), dtype=torch.float32, device=x.device)
     _forward[(M * F, n_blocks)](x, out, part, M, F, c, P, G, *_strides(x), *_strides(out), float(eps), n_blocks,
-                                BLOCK=BLOCK)
+                                BLOCK=BLOCK, CL=fmt == torch.channels_last)
     stat = part.double().sum(1).div(c * P).float().view(M, F)
     out[:, C:].copy_(stat.repeat(G, 1).to(x.dtype).view(N, F, 1, 1).expand(N, F, x.shape[2], x.shape[3]))
     return out
@@ -112,5 +121,6 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, group_size: int, num_chann
     k = grad_out[:, C:].sum(dim=(2, 3), dtype=torch.float32).view(G, M, F).sum(0).div(G * c * P).contiguous()
     dx = torch.empty_like(x)
     _backward[(M * F, triton.cdiv(c * P, BLOCK))](grad_out, x, k, dx, M, F, c, P, G, *_strides(x),
-                                                  *_strides(grad_out), float(eps), BLOCK=BLOCK)
+                                                  *_strides(grad_out), float(eps), BLOCK=BLOCK,
+                                                  CL=fmt == torch.channels_last)
     return dx

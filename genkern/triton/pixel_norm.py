@@ -17,47 +17,49 @@ from ._common import next_pow2
 
 
 @triton.jit
-def _forward(x_ptr, y_ptr, r_ptr, C, P, sN, sC, sP, eps, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _positions(P, sN, sP, BLOCK_P: tl.constexpr):
+    """This program's sample n, its BLOCK_P positions (mask pm) and their base offsets."""
     n = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pm = p < P
-    base = n * sN + p.to(tl.int64)[None, :] * sP
+    return n, p, p < P, n * sN + p.to(tl.int64)[None, :] * sP
+
+
+@triton.jit
+def _slice(c0, C, base, sC, pm, BLOCK_C: tl.constexpr):
+    """Offsets and mask of channels [c0, c0 + BLOCK_C) at the program's positions."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    return base + c.to(tl.int64)[:, None] * sC, (c < C)[:, None] & pm[None, :]
+
+
+@triton.jit
+def _forward(x_ptr, y_ptr, r_ptr, C, P, sN, sC, sP, eps, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    n, p, pm, base = _positions(P, sN, sP, BLOCK_P)
     acc = tl.zeros((BLOCK_P,), tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        m = (c < C)[:, None] & pm[None, :]
-        v = tl.load(x_ptr + base + c.to(tl.int64)[:, None] * sC, mask=m, other=0.0).to(tl.float32)
+        offs, m = _slice(c0, C, base, sC, pm, BLOCK_C)
+        v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         acc += tl.sum(v * v, axis=0)
     r = 1.0 / tl.sqrt(acc / C + eps)
     tl.store(r_ptr + n * P + p, r, mask=pm)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        m = (c < C)[:, None] & pm[None, :]
-        offs = base + c.to(tl.int64)[:, None] * sC
+        offs, m = _slice(c0, C, base, sC, pm, BLOCK_C)
         v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs, (v * r[None, :]).to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _backward(g_ptr, x_ptr, r_ptr, dx_ptr, C, P, sN, sC, sP, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pm = p < P
-    base = n * sN + p.to(tl.int64)[None, :] * sP
+    n, p, pm, base = _positions(P, sN, sP, BLOCK_P)
     dot = tl.zeros((BLOCK_P,), tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        m = (c < C)[:, None] & pm[None, :]
-        offs = base + c.to(tl.int64)[:, None] * sC
+        offs, m = _slice(c0, C, base, sC, pm, BLOCK_C)
         g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
         v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         dot += tl.sum(g * v, axis=0)
     r = tl.load(r_ptr + n * P + p, mask=pm, other=0.0)
     k = r * r * r * dot / C
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        m = (c < C)[:, None] & pm[None, :]
-        offs = base + c.to(tl.int64)[:, None] * sC
+        offs, m = _slice(c0, C, base, sC, pm, BLOCK_C)
         g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
         v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, (r[None, :] * g - k[None, :] * v).to(dx_ptr.dtype.element_ty), mask=m)
