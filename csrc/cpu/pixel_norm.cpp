@@ -34,10 +34,51 @@ inline void store_out(T* p, const Vec& a, const Vec& b, bool stream) {
   VecIO<T>::store(p, a, b);
 }
 
+// Small maps (P = S * kStep <= 64 positions, ProGAN's 4x4 and 8x8 layers): the whole chunk's sums
+// live in 2 * S registers, so each channel row costs loads and FMAs only; the general loop below
+// reloads and stores its float accumulators for every row, which bounds it by the store port.
+template <int S, typename T>
+void forward_tile(const T* x, T* y, float* rstd, int64_t C, int64_t P, float eps) {
+  using IO = VecIO<T>;
+  Vec acc[2 * S];
+  for (auto& a : acc) a = Vec(0.0f);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* row = x + c * P;
+    for (int k = 0; k < S; ++k) {
+      Vec a, b;
+      IO::load(row + k * IO::kStep, a, b);
+      acc[2 * k] = at::vec::fmadd(a, a, acc[2 * k]);
+      acc[2 * k + 1] = at::vec::fmadd(b, b, acc[2 * k + 1]);
+    }
+  }
+  const Vec inv_c(1.0f / static_cast<float>(C)), ve(eps), one(1.0f);
+  for (int k = 0; k < 2 * S; ++k) {
+    acc[k] = one / (acc[k] * inv_c + ve).sqrt();
+    acc[k].store(rstd + k * kVec);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const T* row = x + c * P;
+    T* out = y + c * P;
+    for (int k = 0; k < S; ++k) {
+      Vec a, b;
+      IO::load(row + k * IO::kStep, a, b);
+      IO::store(out + k * IO::kStep, a * acc[2 * k], b * acc[2 * k + 1]);
+    }
+  }
+}
+
 template <typename T>
 void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t p0, int64_t L, float eps,
                    bool stream) {
   using IO = VecIO<T>;
+  if (p0 == 0 && L == P && P % IO::kStep == 0 && P <= 4 * IO::kStep) {
+    switch (P / IO::kStep) {
+      case 1: return forward_tile<1>(x, y, rstd, C, P, eps);
+      case 2: return forward_tile<2>(x, y, rstd, C, P, eps);
+      case 3: return forward_tile<3>(x, y, rstd, C, P, eps);
+      case 4: return forward_tile<4>(x, y, rstd, C, P, eps);
+    }
+  }
   alignas(64) float acc[kChunk] = {};
   for (int64_t c = 0; c < C; ++c) {
     const T* row = x + c * P + p0;
