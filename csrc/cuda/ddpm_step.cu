@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "ddpm_step.h"
+#include "cuda/vec_pack.cuh"
 #include "dispatch.h"
 
 namespace genkern::cuda {
@@ -22,18 +23,12 @@ struct Ptrs {
   T* out;
 };
 
-// Four consecutive elements as one 16-byte (fp32) or 8-byte (fp16/bf16) access.
-template <typename T>
-struct alignas(4 * sizeof(T)) Quad {
-  T v[4];
-};
-
-// Elements [4g, 4g + 4) of t as floats; kVec: one vector access (needs n % 4 == 0 and aligned
-// pointers), else scalar accesses up to n.
+// Elements [4g, 4g + 4) of t as floats; kVec: one 16-byte (fp32) or 8-byte (fp16/bf16) access (needs
+// n % 4 == 0 and aligned pointers), else scalar accesses up to n.
 template <bool kVec, typename T>
 __device__ __forceinline__ void load4(const T* t, int64_t g, int64_t n, float (&o)[4]) {
   if (kVec) {
-    const Quad<T> q = reinterpret_cast<const Quad<T>*>(t)[g];
+    const VecPack<T, 4> q = reinterpret_cast<const VecPack<T, 4>*>(t)[g];
 #pragma unroll
     for (int k = 0; k < 4; ++k) o[k] = static_cast<float>(q.v[k]);
   } else {
@@ -45,10 +40,10 @@ __device__ __forceinline__ void load4(const T* t, int64_t g, int64_t n, float (&
 template <bool kVec, typename T>
 __device__ __forceinline__ void store4(T* t, int64_t g, int64_t n, const float (&o)[4]) {
   if (kVec) {
-    Quad<T> q;
+    VecPack<T, 4> q;
 #pragma unroll
     for (int k = 0; k < 4; ++k) q.v[k] = static_cast<T>(o[k]);
-    reinterpret_cast<Quad<T>*>(t)[g] = q;
+    reinterpret_cast<VecPack<T, 4>*>(t)[g] = q;
   } else {
 #pragma unroll
     for (int k = 0; k < 4; ++k)

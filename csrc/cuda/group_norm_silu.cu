@@ -16,6 +16,7 @@
 
 #include "activation.h"
 #include "cuda/block_reduce.cuh"
+#include "cuda/vec_pack.cuh"
 #include "dispatch.h"
 #include "group_norm_silu.h"
 
@@ -70,10 +71,37 @@ Geometry make_geometry(const GroupNormShape& s) {
 // index with 32-bit flat offsets (the generic kernels' per-element 64-bit division held them to ~40%
 // of copy bandwidth on an H100). Same stats layout as the generic path: partial sums shifted by x[base].
 template <typename T>
-struct alignas(16) Pack {
-  static constexpr int N = 16 / sizeof(T);
-  T v[N];
-};
+using Pack = VecPack<T, kPack16<T>>;
+
+// s1 += x - pivot, s2 += (x - pivot)^2 over the V elements of a pack.
+template <typename T, int V>
+__device__ __forceinline__ void add_shifted(const VecPack<T, V>& p, float pivot, float& s1, float& s2) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const float v = static_cast<float>(p.v[e]) - pivot;
+    s1 += v;
+    s2 += v * v;
+  }
+}
+
+// mean and rstd of a group of `count` values from its sums shifted by `pivot`.
+__device__ __forceinline__ void stats_from_shifted(float s1, float s2, float count, float pivot, float eps,
+                                                   float& mean, float& rstd) {
+  const float m = s1 / count;
+  mean = pivot + m;
+  rstd = rsqrtf(fmaxf(s2 / count - m * m, 0.f) + eps);
+}
+
+// The block's shifted sums, reduced over the block, into this chunk's slot of part.
+__device__ __forceinline__ void store_partial_sums(float s1, float s2, float* __restrict__ part, int64_t ng,
+                                                   int n_chunks, float* scratch) {
+  s1 = block_sum(s1, scratch);
+  s2 = block_sum(s2, scratch);
+  if (threadIdx.x == 0) {
+    part[(ng * n_chunks + blockIdx.y) * 2] = s1;
+    part[(ng * n_chunks + blockIdx.y) * 2 + 1] = s2;
+  }
+}
 
 struct FlatGeometry {
   int len, chunk, n_chunks, HW, G, D;
@@ -99,7 +127,7 @@ FlatGeometry make_flat_geometry(const GroupNormShape& s, int64_t vec) {
 
 template <typename T>
 __global__ void stats_kernel(const T* __restrict__ x, float* __restrict__ part, FlatGeometry g) {
-  constexpr int V = Pack<T>::N;
+  constexpr int V = kPack16<T>;
   __shared__ float scratch[kThreads / kWarp];
   const int64_t ng = blockIdx.x;
   const T* xg = x + ng * g.len;
@@ -108,20 +136,9 @@ __global__ void stats_kernel(const T* __restrict__ x, float* __restrict__ part, 
   float s1 = 0.f, s2 = 0.f;
 #pragma unroll 4
   for (int i = lo + threadIdx.x * V; i < hi; i += kThreads * V) {
-    const Pack<T> p = *reinterpret_cast<const Pack<T>*>(xg + i);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float v = static_cast<float>(p.v[j]) - pivot;
-      s1 += v;
-      s2 += v * v;
-    }
+    add_shifted(*reinterpret_cast<const Pack<T>*>(xg + i), pivot, s1, s2);
   }
-  s1 = block_sum(s1, scratch);
-  s2 = block_sum(s2, scratch);
-  if (threadIdx.x == 0) {
-    part[(ng * g.n_chunks + blockIdx.y) * 2] = s1;
-    part[(ng * g.n_chunks + blockIdx.y) * 2 + 1] = s2;
-  }
+  store_partial_sums(s1, s2, part, ng, g.n_chunks, scratch);
 }
 
 // The group's mean and rstd from its chunks' shifted partial sums (every block of the group does it).
@@ -134,9 +151,7 @@ __device__ __forceinline__ void combine_stats(const float* __restrict__ part, in
   }
   t1 = block_sum(t1, scratch);
   t2 = block_sum(t2, scratch);
-  const float m = t1 / count;
-  mean = pivot + m;
-  rstd = rsqrtf(fmaxf(t2 / count - m * m, 0.f) + eps);
+  stats_from_shifted(t1, t2, count, pivot, eps, mean, rstd);
 }
 
 template <typename T, Activation A>
@@ -144,7 +159,7 @@ __global__ void apply_kernel(const T* __restrict__ x, T* __restrict__ y, const f
                                   const float* __restrict__ b, const float* __restrict__ part,
                                   float* __restrict__ mean_out, float* __restrict__ rstd_out, FlatGeometry g,
                                   float eps) {
-  constexpr int V = Pack<T>::N;
+  constexpr int V = kPack16<T>;
   __shared__ float scratch[kThreads / kWarp];
   const int64_t ng = blockIdx.x;
   const T* xg = x + ng * g.len;
@@ -227,11 +242,6 @@ SliceGeometry make_slice_geometry(const GroupNormShape& s, const at::Tensor& x, 
   return g;
 }
 
-template <typename T, int V>
-struct alignas(sizeof(T) * V) VecPack {
-  T v[V];
-};
-
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // (a, b) summed over the CTA and then over the cluster (through distributed shared memory); the
 // result is valid in every thread of every CTA of the cluster.
@@ -287,16 +297,11 @@ __global__ void __launch_bounds__(kClusterThreads)
   for (int j = threadIdx.x; j < packs; j += kClusterThreads) {
     const P p = *reinterpret_cast<const P*>(xs + g.offset(grp, lo + j * V));
     cache[j] = p;
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      const float v = static_cast<float>(p.v[e]) - pivot;
-      s1 += v;
-      s2 += v * v;
-    }
+    add_shifted(p, pivot, s1, s2);
   }
   cluster_sum2(cluster, s1, s2, scratch);
-  const float count = static_cast<float>(g.len), m = s1 / count;
-  const float mean = pivot + m, rstd = rsqrtf(fmaxf(s2 / count - m * m, 0.f) + eps);
+  float mean, rstd;
+  stats_from_shifted(s1, s2, static_cast<float>(g.len), pivot, eps, mean, rstd);
   if (rank == 0 && threadIdx.x == 0) mean_out[ng] = mean, rstd_out[ng] = rstd;
   const int c0 = grp * g.D;
 #pragma unroll 4
@@ -358,7 +363,7 @@ void cluster_forward(const ForwardCall& c, const at::Tensor& w, const at::Tensor
       if (vec == 1) {
         launch_cluster_forward<scalar_t, 1, A>(c, w, b, g, eps);
       } else {
-        launch_cluster_forward<scalar_t, 16 / sizeof(scalar_t), A>(c, w, b, g, eps);
+        launch_cluster_forward<scalar_t, kPack16<scalar_t>, A>(c, w, b, g, eps);
       }
     });
   });
@@ -518,7 +523,7 @@ std::tuple<at::Tensor, at::Tensor> cluster_backward(const BackwardCall& c, const
       if (vec == 1) {
         launch_cluster_backward<scalar_t, 1, A>(c, w, b, g, part);
       } else {
-        launch_cluster_backward<scalar_t, 16 / sizeof(scalar_t), A>(c, w, b, g, part);
+        launch_cluster_backward<scalar_t, kPack16<scalar_t>, A>(c, w, b, g, part);
       }
     });
   });
@@ -539,12 +544,7 @@ __global__ void stats_kernel(const T* __restrict__ x, float* __restrict__ part, 
     s1 += v;
     s2 += v * v;
   }
-  s1 = block_sum(s1, scratch);
-  s2 = block_sum(s2, scratch);
-  if (threadIdx.x == 0) {
-    part[(ng * g.n_chunks + blockIdx.y) * 2] = s1;
-    part[(ng * g.n_chunks + blockIdx.y) * 2 + 1] = s2;
-  }
+  store_partial_sums(s1, s2, part, ng, g.n_chunks, scratch);
 }
 
 template <typename T, Activation A>
