@@ -167,6 +167,7 @@ template <typename T>
 struct Ptrs {
   const T *m, *mc, *x, *noise, *mask, *known;
   T* out;
+  bool stream;  // streaming stores for out (vec.h: stream_outputs)
 };
 
 template <typename T>
@@ -207,7 +208,7 @@ void ddpm_step_block(const DdpmStepCoefs& c, const Ptrs<T>& p, const float* zbuf
       y0 = y0 + a0 * (k_x0 * k0 + k_z * z0 - y0);
       y1 = y1 + a1 * (k_x0 * k1 + k_z * z1 - y1);
     }
-    IO::store(p.out + i, y0, y1);
+    store_out(p.out + i, y0, y1, p.stream);
   }
   for (; i < end; ++i) {
     float m = static_cast<float>(p.m[i]);
@@ -241,6 +242,8 @@ at::Tensor ddpm_step_cpu(const at::Tensor& model_output, const at::Tensor& sampl
     p.mask = call.coefs.masked ? call.mask.const_data_ptr<scalar_t>() : nullptr;
     p.known = call.coefs.masked ? call.known.const_data_ptr<scalar_t>() : nullptr;
     p.out = call.out.mutable_data_ptr<scalar_t>();
+    const int64_t streams = 1 + (p.mc != nullptr) + (p.noise != nullptr) + 2 * (p.mask != nullptr);
+    p.stream = stream_outputs((streams + 1) * n * call.sample.element_size());
     const auto& c = call.coefs;
     const int64_t blocks = (n + kBlock - 1) / kBlock;
     parallel_blocks(blocks, 16, [&](int64_t b) {
@@ -253,6 +256,7 @@ at::Tensor ddpm_step_cpu(const at::Tensor& model_output, const at::Tensor& sampl
         philox_normal_block(call.seed, call.offset, begin / 4, (end - begin + 3) / 4, zbuf);
       }
       ddpm_step_block(c, p, call.philox ? zbuf : nullptr, begin, end);
+      if (p.stream) stream_fence();
     });
   });
   return call.out;
@@ -272,6 +276,7 @@ at::Tensor add_noise_cpu(const at::Tensor& original, const at::Tensor& noise, co
     const scalar_t *px = x0.const_data_ptr<scalar_t>(), *pz = z.const_data_ptr<scalar_t>();
     const float *pa = sa.const_data_ptr<float>(), *pb = s1.const_data_ptr<float>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    const bool stream = stream_outputs(3 * n * x0.element_size());
     at::parallel_for(0, n, 16 * kBlock, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end;) {  // one run per sample: the coefficients are constant on it
         const int64_t b = s / per_sample, e = std::min(end, (b + 1) * per_sample);
@@ -282,11 +287,12 @@ at::Tensor add_noise_cpu(const at::Tensor& original, const at::Tensor& noise, co
           Vec x0a, x0b, za, zb;
           IO::load(px + i, x0a, x0b);
           IO::load(pz + i, za, zb);
-          IO::store(po + i, va * x0a + vc * za, va * x0b + vc * zb);
+          store_out(po + i, va * x0a + vc * za, va * x0b + vc * zb, stream);
         }
         for (; i < e; ++i) po[i] = static_cast<scalar_t>(a * static_cast<float>(px[i]) + c * static_cast<float>(pz[i]));
         s = e;
       }
+      stream_fence();
     });
   });
   return out;

@@ -3,7 +3,6 @@
 // then scale), vectorised along the positions; the chunk's rows stay in L1/L2 between the walks.
 // Channels-last and [N, C] latents: a task owns whole rows of C contiguous channels.
 #include <cstdint>
-#include <type_traits>
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,29 +15,12 @@ namespace genkern::cpu {
 namespace {
 
 constexpr int64_t kChunk = 1024;
-constexpr int64_t kStreamBytes = int64_t{16} << 20;  // outputs above this (beyond the L3 here) bypass the cache
-
-// y is written once and not read back by this op: for large outputs, stores that bypass the cache
-// (no read-for-ownership of y's lines) cut the memory traffic from three passes to two.
-template <typename T>
-inline void store_out(T* p, const Vec& a, const Vec& b, bool stream) {
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    if (stream) {
-      _mm256_stream_ps(p, a);
-      _mm256_stream_ps(p + kVec, b);
-      return;
-    }
-  }
-#endif
-  VecIO<T>::store(p, a, b);
-}
 
 // Small maps (P = S * kStep <= 64 positions, ProGAN's 4x4 and 8x8 layers): the whole chunk's sums
 // live in 2 * S registers, so each channel row costs loads and FMAs only; the general loop below
 // reloads and stores its float accumulators for every row, which bounds it by the store port.
 template <int S, typename T>
-void forward_tile(const T* x, T* y, float* rstd, int64_t C, int64_t P, float eps) {
+void forward_tile(const T* x, T* y, float* rstd, int64_t C, int64_t P, float eps, bool stream) {
   using IO = VecIO<T>;
   Vec acc[2 * S];
   for (auto& a : acc) a = Vec(0.0f);
@@ -62,7 +44,7 @@ void forward_tile(const T* x, T* y, float* rstd, int64_t C, int64_t P, float eps
     for (int k = 0; k < S; ++k) {
       Vec a, b;
       IO::load(row + k * IO::kStep, a, b);
-      IO::store(out + k * IO::kStep, a * acc[2 * k], b * acc[2 * k + 1]);
+      store_out(out + k * IO::kStep, a * acc[2 * k], b * acc[2 * k + 1], stream);
     }
   }
 }
@@ -73,10 +55,10 @@ void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t 
   using IO = VecIO<T>;
   if (p0 == 0 && L == P && P % IO::kStep == 0 && P <= 4 * IO::kStep) {
     switch (P / IO::kStep) {
-      case 1: return forward_tile<1>(x, y, rstd, C, P, eps);
-      case 2: return forward_tile<2>(x, y, rstd, C, P, eps);
-      case 3: return forward_tile<3>(x, y, rstd, C, P, eps);
-      case 4: return forward_tile<4>(x, y, rstd, C, P, eps);
+      case 1: return forward_tile<1>(x, y, rstd, C, P, eps, stream);
+      case 2: return forward_tile<2>(x, y, rstd, C, P, eps, stream);
+      case 3: return forward_tile<3>(x, y, rstd, C, P, eps, stream);
+      case 4: return forward_tile<4>(x, y, rstd, C, P, eps, stream);
     }
   }
   alignas(64) float acc[kChunk] = {};
@@ -99,8 +81,7 @@ void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t 
     for (; i + IO::kStep <= L; i += IO::kStep) {
       Vec a, b;
       IO::load(row + i, a, b);
-      store_out(out + i, a * Vec::loadu(acc + i), b * Vec::loadu(acc + i + kVec),
-                stream && reinterpret_cast<uintptr_t>(out + i) % 32 == 0);
+      store_out(out + i, a * Vec::loadu(acc + i), b * Vec::loadu(acc + i + kVec), stream);
     }
     for (; i < L; ++i) out[i] = static_cast<T>(static_cast<float>(row[i]) * acc[i]);
   }
@@ -108,7 +89,7 @@ void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t 
 
 template <typename T>
 void backward_chunk(const T* dy, const T* x, const float* rstd, T* dx, int64_t C, int64_t P, int64_t p0,
-                    int64_t L) {
+                    int64_t L, bool stream) {
   using IO = VecIO<T>;
   alignas(64) float dot[kChunk] = {};
   for (int64_t c = 0; c < C; ++c) {
@@ -136,8 +117,8 @@ void backward_chunk(const T* dy, const T* x, const float* rstd, T* dx, int64_t C
       Vec ga, gb, va, vb;
       IO::load(g + i, ga, gb);
       IO::load(v + i, va, vb);
-      IO::store(out + i, Vec::loadu(r + i) * ga - Vec::loadu(k + i) * va,
-                Vec::loadu(r + i + kVec) * gb - Vec::loadu(k + i + kVec) * vb);
+      store_out(out + i, Vec::loadu(r + i) * ga - Vec::loadu(k + i) * va,
+                Vec::loadu(r + i + kVec) * gb - Vec::loadu(k + i + kVec) * vb, stream);
     }
     for (; i < L; ++i)
       out[i] = static_cast<T>(r[i] * static_cast<float>(g[i]) - k[i] * static_cast<float>(v[i]));
@@ -163,7 +144,7 @@ float row_sum(const T* a, const T* b, int64_t C, F f) {
 }
 
 template <typename T>
-void forward_row(const T* x, T* y, float* rstd, int64_t C, float eps) {
+void forward_row(const T* x, T* y, float* rstd, int64_t C, float eps, bool stream) {
   using IO = VecIO<T>;
   const float r = 1.0f / std::sqrt(row_sum(x, x, C, [](auto u, auto) { return u * u; }) / C + eps);
   *rstd = r;
@@ -172,13 +153,13 @@ void forward_row(const T* x, T* y, float* rstd, int64_t C, float eps) {
   for (; c + IO::kStep <= C; c += IO::kStep) {
     Vec a, b;
     IO::load(x + c, a, b);
-    IO::store(y + c, a * vr, b * vr);
+    store_out(y + c, a * vr, b * vr, stream);
   }
   for (; c < C; ++c) y[c] = static_cast<T>(static_cast<float>(x[c]) * r);
 }
 
 template <typename T>
-void backward_row(const T* dy, const T* x, float r, T* dx, int64_t C) {
+void backward_row(const T* dy, const T* x, float r, T* dx, int64_t C, bool stream) {
   using IO = VecIO<T>;
   const float k = r * r * r * row_sum(dy, x, C, [](auto g, auto v) { return g * v; }) / C;
   const Vec vr(r), vk(k);
@@ -187,7 +168,7 @@ void backward_row(const T* dy, const T* x, float r, T* dx, int64_t C) {
     Vec ga, gb, va, vb;
     IO::load(dy + c, ga, gb);
     IO::load(x + c, va, vb);
-    IO::store(dx + c, vr * ga - vk * va, vr * gb - vk * vb);
+    store_out(dx + c, vr * ga - vk * va, vr * gb - vk * vb, stream);
   }
   for (; c < C; ++c) dx[c] = static_cast<T>(r * static_cast<float>(dy[c]) - k * static_cast<float>(x[c]));
 }
@@ -200,26 +181,25 @@ std::tuple<at::Tensor, at::Tensor> pixel_norm(const at::Tensor& x_in, double eps
   const PixelNormShape& s = call.s;
   if (x.numel() == 0) return {y, rstd};
   const float e = static_cast<float>(eps);
+  const bool stream = stream_outputs(2 * x.numel() * x.element_size());
   GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "pixel_norm_cpu", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
     float* pr = rstd.mutable_data_ptr<float>();
     if (by_rows(s)) {
       at::parallel_for(0, s.N * s.P, std::max<int64_t>(1, 16384 / s.C), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) forward_row(px + r * s.C, py + r * s.C, pr + r, s.C, e);
+        for (int64_t r = r0; r < r1; ++r) forward_row(px + r * s.C, py + r * s.C, pr + r, s.C, e, stream);
+        stream_fence();
       });
     } else {
       const int64_t chunks = (s.P + kChunk - 1) / kChunk;
-      const bool stream = x.numel() * x.element_size() > kStreamBytes;
       at::parallel_for(0, s.N * chunks, std::max<int64_t>(1, 16384 / (s.C * kChunk)), [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t n = t / chunks, p0 = (t % chunks) * kChunk;
           forward_chunk(px + n * s.C * s.P, py + n * s.C * s.P, pr + n * s.P, s.C, s.P, p0,
                         std::min(kChunk, s.P - p0), e, stream);
         }
-#if defined(CPU_CAPABILITY_AVX2)
-        _mm_sfence();  // streaming stores are weakly ordered: publish them before the task ends
-#endif
+        stream_fence();
       });
     }
   });
@@ -232,21 +212,25 @@ at::Tensor pixel_norm_backward(const at::Tensor& grad_y, const at::Tensor& x_in,
   const auto& s = call.s;
   auto& dx = call.dx;
   if (x.numel() == 0) return dx;
+  const bool stream = stream_outputs(3 * x.numel() * x.element_size());
   GENKERN_DISPATCH_FLOAT_TYPES(x.scalar_type(), "pixel_norm_backward_cpu", [&] {
     const scalar_t *pg = dy.const_data_ptr<scalar_t>(), *px = x.const_data_ptr<scalar_t>();
     scalar_t* pd = dx.mutable_data_ptr<scalar_t>();
     const float* pr = rstd.const_data_ptr<float>();
     if (by_rows(s)) {
       at::parallel_for(0, s.N * s.P, std::max<int64_t>(1, 16384 / s.C), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) backward_row(pg + r * s.C, px + r * s.C, pr[r], pd + r * s.C, s.C);
+        for (int64_t r = r0; r < r1; ++r)
+          backward_row(pg + r * s.C, px + r * s.C, pr[r], pd + r * s.C, s.C, stream);
+        stream_fence();
       });
     } else {
       const int64_t chunks = (s.P + kChunk - 1) / kChunk;
       at::parallel_for(0, s.N * chunks, std::max<int64_t>(1, 16384 / (s.C * kChunk)), [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t n = t / chunks, p0 = (t % chunks) * kChunk, o = n * s.C * s.P;
-          backward_chunk(pg + o, px + o, pr + n * s.P, pd + o, s.C, s.P, p0, std::min(kChunk, s.P - p0));
+          backward_chunk(pg + o, px + o, pr + n * s.P, pd + o, s.C, s.P, p0, std::min(kChunk, s.P - p0), stream);
         }
+        stream_fence();
       });
     }
   });

@@ -1,16 +1,43 @@
-"""Calling a registered op from the public functions."""
+"""Calling a registered op from the public functions, and registering its autograd formula."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+# op overload packet -> Function.apply running the op with the formula given to register_autograd
+_EAGER_AUTOGRAD: dict = {}
+
+
+def register_autograd(op_name: str, backward: Callable, setup_context: Callable) -> None:
+    """``torch.library.register_autograd(op_name, backward, setup_context=setup_context)``, which is what
+    torch.compile, opcheck and direct ``torch.ops.genkern.*`` calls see, plus the same two functions as a
+    plain ``torch.autograd.Function`` that call_op uses in eager mode. register_autograd's wrapper costs
+    ~60 us per forward+backward on the CPU here (schema default filling, keyset redispatch in Python):
+    more than the kernels at small shapes, where eager PyTorch's C++ autograd costs a few us."""
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+    namespace, name = op_name.split("::")
+    op = getattr(getattr(torch.ops, namespace), name)
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    fn = type(f"{name}_eager_autograd", (torch.autograd.Function,),
+              {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    _EAGER_AUTOGRAD[op] = fn.apply
 
 
 def call_op(op, *args):
     """op(*args). When autograd has nothing to record (grad mode off, or no tensor argument requiring
-    grad) the op runs below the Autograd dispatch key: the Python autograd layer that
-    torch.library.register_autograd installs costs ~10 us per call even then, as much as a small
-    kernel. Under torch.compile the call is left to the compiler as it is."""
-    if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+    grad) the op runs below the Autograd dispatch key; when it has, through the op's formula as a plain
+    autograd.Function (register_autograd above). Under torch.compile the call is left to the compiler."""
+    if torch.compiler.is_compiling():
         return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        fast = _EAGER_AUTOGRAD.get(op)
+        return fast(*args) if fast is not None else op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

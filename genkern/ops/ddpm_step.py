@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _backend, _extension
-from ._call import call_op
+from ._call import call_op, register_autograd
 from .._layout import elementwise_strides, to_strides
 from .. import reference as _reference
 
@@ -307,9 +307,9 @@ def _backward_add_noise(ctx, grad):
 
 def _register(step_name: str, noise_name: str) -> None:
     torch.library.register_fake(step_name)(_fake_ddpm_step)
-    torch.library.register_autograd(step_name, _backward_ddpm_step, setup_context=_setup_ddpm_step)
+    register_autograd(step_name, _backward_ddpm_step, setup_context=_setup_ddpm_step)
     torch.library.register_fake(noise_name)(_fake_add_noise)
-    torch.library.register_autograd(noise_name, _backward_add_noise, setup_context=_setup_add_noise)
+    register_autograd(noise_name, _backward_add_noise, setup_context=_setup_add_noise)
 
 
 @torch.library.custom_op("genkern::ddpm_step_triton", mutates_args=())

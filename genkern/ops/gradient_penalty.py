@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import _backend, _extension
-from ._call import call_op
+from ._call import call_op, register_autograd
 from .. import reference as _reference
 from .._layout import elementwise_strides
 from ._double_backward import differentiable_backward
@@ -107,7 +107,7 @@ def _register(fwd: str, bwd: str) -> None:
                                         lambda g: _reference.gradient_penalty(g, w, t), (grad_loss,), (g,))
         return dg, None, None
 
-    torch.library.register_autograd(fwd, backward, setup_context=setup)
+    register_autograd(fwd, backward, setup_context=setup)
 
 
 @torch.library.custom_op("genkern::gradient_penalty_triton", mutates_args=())

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _extension
-from ._call import call_op
+from ._call import call_op, register_autograd
 from .._layout import is_channels_last_dense
 from .. import reference as _reference
 from ._double_backward import differentiable_backward
@@ -137,7 +137,7 @@ def _register(forward_name: str, backward_name: str) -> None:
     torch.library.register_fake(forward_name)(_fake_forward)
     torch.library.register_fake(backward_name)(_fake_backward)
     backward_op = getattr(torch.ops.genkern, backward_name.split("::")[1])
-    torch.library.register_autograd(forward_name, _autograd_backward(backward_op), setup_context=_setup_context)
+    register_autograd(forward_name, _autograd_backward(backward_op), setup_context=_setup_context)
 
 
 # The Triton ops are defined here (not in C++) so that they exist whether or not genkern._C is built;

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .. import _backend, _extension
-from ._call import call_op
+from ._call import call_op, register_autograd
 from .. import reference as _reference
 from ._double_backward import differentiable_backward
 
@@ -82,7 +82,7 @@ def _register(fwd: str, bwd: str) -> None:
                                         lambda x: _reference.minibatch_stddev(x, G, F, eps), (grad_out,), (x,))
         return dx, None, None, None
 
-    torch.library.register_autograd(fwd, backward, setup_context=setup)
+    register_autograd(fwd, backward, setup_context=setup)
 
 
 @torch.library.custom_op("genkern::minibatch_stddev_triton", mutates_args=())

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .. import _backend, _extension
-from ._call import call_op
+from ._call import call_op, register_autograd
 from .. import reference as _reference
 from .._layout import is_channels_last_dense
 from ._double_backward import differentiable_backward
@@ -74,7 +74,7 @@ def _register(fwd: str, bwd: str) -> None:
                                         lambda x: _reference.pixel_norm(x, ctx.eps), (grad_y,), (x,))
         return dx, None
 
-    torch.library.register_autograd(fwd, backward, setup_context=setup)
+    register_autograd(fwd, backward, setup_context=setup)
 
 
 @torch.library.custom_op("genkern::pixel_norm_triton", mutates_args=())
