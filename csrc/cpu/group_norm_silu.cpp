@@ -79,14 +79,14 @@ inline void shifted_sums_lanes(const T* x, int64_t C, const float* pivot, float*
 
 // y = act((x - mu) * a + b). Centring first keeps u exact when rstd is huge (near-constant groups).
 template <typename T, Activation A, typename P>
-inline void affine_act(const T* x, T* y, int64_t n, P mu, P a, P b, bool stream) {
+inline void affine_act(const T* x, T* y, int64_t n, P mu, P a, P b) {
   int64_t i = 0;
   for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
     Vec va, vb;
     VecIO<T>::load(x + i, va, vb);
     va = ActVec<A>::f(at::vec::fmadd(va - mu.vec(i), a.vec(i), b.vec(i)));
     vb = ActVec<A>::f(at::vec::fmadd(vb - mu.vec(i + kVec), a.vec(i + kVec), b.vec(i + kVec)));
-    store_out(y + i, va, vb, stream);
+    VecIO<T>::store(y + i, va, vb);
   }
   for (; i < n; ++i) y[i] = static_cast<T>(Act<A>::f((static_cast<float>(x[i]) - mu.at(i)) * a.at(i) + b.at(i)));
 }
@@ -142,7 +142,7 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float*
 
 // Backward, pass 2: dx = k1 * du + k2 * (x - mu) + k3.
 template <typename T, typename P>
-inline void grad_apply(const T* x, const float* du, T* dx, int64_t n, P mu, P k1, P k2, P k3, bool stream) {
+inline void grad_apply(const T* x, const float* du, T* dx, int64_t n, P mu, P k1, P k2, P k3) {
   int64_t i = 0;
   for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
     Vec x2[2];
@@ -151,7 +151,7 @@ inline void grad_apply(const T* x, const float* du, T* dx, int64_t n, P mu, P k1
       const int64_t j = i + h * kVec;
       x2[h] = at::vec::fmadd(k1.vec(j), Vec::loadu(du + j), at::vec::fmadd(k2.vec(j), x2[h] - mu.vec(j), k3.vec(j)));
     }
-    store_out(dx + i, x2[0], x2[1], stream);
+    VecIO<T>::store(dx + i, x2[0], x2[1]);
   }
   for (; i < n; ++i) dx[i] = static_cast<T>(k1.at(i) * du[i] + k2.at(i) * (static_cast<float>(x[i]) - mu.at(i)) + k3.at(i));
 }
@@ -200,7 +200,7 @@ inline void mean_rstd(double s1, double s2, double count, float pivot, double ep
 
 template <typename T, Activation A>
 void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
-                  const GroupNormShape& s, double eps, bool stream) {
+                  const GroupNormShape& s, double eps) {
   const int64_t M = s.D * s.HW;
   for_each_unit(s.N * s.G, [&](int64_t ng, bool split) {
     const T* xg = x + ng * M;
@@ -231,9 +231,8 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean,
         const int64_t c = g * s.D + d;
         const float a = r * w[c];
         const int64_t off = d * s.HW + lo;
-        affine_act<T, A>(xg + off, yg + off, hi - lo, Broadcast{mu}, Broadcast{a}, Broadcast{b[c]}, stream);
+        affine_act<T, A>(xg + off, yg + off, hi - lo, Broadcast{mu}, Broadcast{a}, Broadcast{b[c]});
       }
-      stream_fence();
     });
   });
 }
@@ -271,7 +270,7 @@ std::vector<double> channel_block_sums(bool split, const PixelBlocks& pb, int64_
 
 template <typename T, Activation A>
 void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
-                  const GroupNormShape& s, double eps, bool stream) {
+                  const GroupNormShape& s, double eps) {
   const int64_t C = s.C, HW = s.HW;
   for_each_unit(s.N, [&](int64_t n, bool split) {
     const T* xn = x + n * HW * C;
@@ -295,8 +294,7 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean,
     }
     maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
       for (int64_t p = b0 * pb.size; p < std::min(HW, b1 * pb.size); ++p)
-        affine_act<T, A>(xn + p * C, yn + p * C, C, PerLane{muc.data()}, PerLane{a.data()}, PerLane{b}, stream);
-      stream_fence();
+        affine_act<T, A>(xn + p * C, yn + p * C, C, PerLane{muc.data()}, PerLane{a.data()}, PerLane{b});
     });
   });
 }
@@ -320,7 +318,7 @@ inline void dx_coefficients(const double* dsc, const double* dbs, const float* w
 
 template <typename T, Activation A>
 void backward_nchw(const T* dy, const T* x, const float* w, const float* b, const float* mean,
-                   const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s, bool stream) {
+                   const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s) {
   const int64_t M = s.D * s.HW;
   for_each_unit(s.N * s.G, [&](int64_t ng, bool split) {
     const int64_t n = ng / s.G, g = ng % s.G, c0 = g * s.D, off0 = ng * M;
@@ -351,16 +349,15 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
         if (lo >= hi) continue;
         const int64_t off = off0 + d * s.HW + lo;
         grad_apply<T>(x + off, du.get() + (off - off0), dx + off, hi - lo, Broadcast{mu}, Broadcast{k[c]},
-                      Broadcast{k[s.C + c]}, Broadcast{k[2 * s.C + c]}, stream);
+                      Broadcast{k[s.C + c]}, Broadcast{k[2 * s.C + c]});
       }
-      stream_fence();
     });
   });
 }
 
 template <typename T, Activation A>
 void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, const float* mean,
-                   const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s, bool stream) {
+                   const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s) {
   const int64_t C = s.C, HW = s.HW;
   for_each_unit(s.N, [&](int64_t n, bool split) {
     const int64_t base = n * HW * C;
@@ -387,10 +384,8 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
     maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
       for (int64_t p = b0 * pb.size; p < std::min(HW, b1 * pb.size); ++p) {
         const int64_t off = base + p * C;
-        grad_apply<T>(x + off, du.get() + p * C, dx + off, C, PerLane{mu}, PerLane{k1}, PerLane{k2}, PerLane{k3},
-                      stream);
+        grad_apply<T>(x + off, du.get() + p * C, dx + off, C, PerLane{mu}, PerLane{k1}, PerLane{k2}, PerLane{k3});
       }
-      stream_fence();
     });
   });
 }
@@ -419,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(
       auto kernel = c.s.channels_last ? forward_nhwc<scalar_t, A> : forward_nchw<scalar_t, A>;
       kernel(c.x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
              c.y.mutable_data_ptr<scalar_t>(), c.mean.mutable_data_ptr<float>(),
-             c.rstd.mutable_data_ptr<float>(), c.s, eps, stream_outputs(2 * c.x.numel() * c.x.element_size()));
+             c.rstd.mutable_data_ptr<float>(), c.s, eps);
     });
   });
   return {c.y, c.mean, c.rstd};
@@ -445,8 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward(
       auto kernel = s.channels_last ? backward_nhwc<scalar_t, A> : backward_nchw<scalar_t, A>;
       kernel(c.dy.const_data_ptr<scalar_t>(), c.x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
              b.const_data_ptr<float>(), c.mean.const_data_ptr<float>(), c.rstd.const_data_ptr<float>(),
-             c.dx.mutable_data_ptr<scalar_t>(), dsc.mutable_data_ptr<double>(), dbs.mutable_data_ptr<double>(), s,
-             stream_outputs(3 * c.x.numel() * c.x.element_size()));
+             c.dx.mutable_data_ptr<scalar_t>(), dsc.mutable_data_ptr<double>(), dbs.mutable_data_ptr<double>(), s);
     });
   });
   // dweight_c = sum_n rstd[n, g(c)] * dsc[n, c];  dbias_c = sum_n dbs[n, c]  ([N, C]: a plain loop)
