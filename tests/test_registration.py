@@ -87,3 +87,55 @@ def test_kernels_registered_for_their_dispatch_keys():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
         # the CUDA kernels are compiled wherever a toolkit is, even with no GPU to run them
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") == ext.has_cuda_kernels()
+
+
+# The public functions run a registered op through genkern/ops/_call.py's plain autograd.Function
+# (eager) and torch.compile / direct torch.ops calls through the formula given to register_autograd:
+# both must give the float64 reference's first and second derivatives.
+def _op_cases(op_suffix, device):
+    from genkern import reference as ref
+    w = torch.randn(8, dtype=torch.float64, device=device)
+    b = torch.randn(8, dtype=torch.float64, device=device)
+    return {
+        "group_norm_silu": (
+            (4, 8, 3, 5), lambda x: genkern.group_norm_silu(x, 4, w.float(), b.float()),
+            lambda x: getattr(torch.ops.genkern, "group_norm_silu" + op_suffix)(x, w.float(), b.float(), 4, 1e-5, "silu")[0],
+            lambda x: ref.group_norm_silu(x, 4, w, b, 1e-5, "silu")),
+        "pixel_norm": (
+            (4, 8, 3, 5), lambda x: genkern.pixel_norm(x),
+            lambda x: getattr(torch.ops.genkern, "pixel_norm" + op_suffix)(x, 1e-8)[0], lambda x: ref.pixel_norm(x)),
+        "minibatch_stddev": (
+            (4, 8, 3, 5), lambda x: genkern.minibatch_stddev(x, 2, 2),
+            lambda x: getattr(torch.ops.genkern, "minibatch_stddev" + op_suffix)(x, 2, 2, 1e-8),
+            lambda x: ref.minibatch_stddev(x, 2, 2)),
+        "gradient_penalty": (
+            (4, 3, 5, 5), lambda g: genkern.gradient_norm_penalty(g, 10.0, 1.0),
+            lambda g: getattr(torch.ops.genkern, "gradient_penalty" + op_suffix)(g, 10.0, 1.0)[0],
+            lambda g: ref.gradient_penalty(g, 10.0, 1.0)),
+    }
+
+
+def _first_and_second(fn, x, dy, v):
+    x = x.detach().requires_grad_()
+    y = fn(x)
+    (gx,) = torch.autograd.grad(y, x, None if dy is None else dy.to(y.dtype), create_graph=True)
+    (ggx,) = torch.autograd.grad(gx, x, v.to(gx.dtype))
+    return y.double(), gx.double(), ggx.double()
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKENDS if p.values[0] != "triton" or p.values[1] == "cuda"])
+@pytest.mark.parametrize("op", ["group_norm_silu", "pixel_norm", "minibatch_stddev", "gradient_penalty"])
+def test_eager_and_registered_autograd_match_reference(backend, device, op):
+    require_backend(backend, device)
+    torch.manual_seed(0)
+    shape, public, registered, reference = _op_cases("_triton" if backend == "triton" else "", device)[op]
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    y_ref = reference(x)
+    dy = torch.randn_like(y_ref) if y_ref.dim() else None
+    v = torch.randn_like(x)
+    expected = _first_and_second(reference, x, dy, v)
+    with genkern.use_backend(backend):
+        for path, fn in (("eager", public), ("registered", registered)):
+            got = _first_and_second(fn, x.float(), dy, v)
+            for what, a, e in zip(("y", "dx", "d2x"), got, expected):
+                torch.testing.assert_close(a, e, atol=2e-4, rtol=2e-4, msg=f"{op} {path} {what}")
