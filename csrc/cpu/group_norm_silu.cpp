@@ -373,17 +373,18 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean,
 // ---------------------------------------------------------------------------------------------
 // Backward. dsc/dbs: float64 [N, C] sums per (sample, channel), reduced into dweight/dbias after.
 
-// Per (n, g): the coefficients of dx = k1 * du + k2 * (x - mu) + k3 for channel c.
+// Per (n, g): the coefficients of dx = k1 * du + k2 * (x - mu) + k3 for the group's channels
+// c0 + d, d < D, written to k1[d], k2[d], k3[d].
 inline void dx_coefficients(const double* dsc, const double* dbs, const float* w, float r, int64_t c0,
                             int64_t D, double M, float* k1, float* k2, float* k3) {
   double A = 0, B = 0;
   for (int64_t c = c0; c < c0 + D; ++c) A += w[c] * dbs[c], B += w[c] * r * dsc[c];
   A /= M;
   B /= M;
-  for (int64_t c = c0; c < c0 + D; ++c) {
-    k1[c] = r * w[c];
-    k2[c] = static_cast<float>(-double(r) * r * B);
-    k3[c] = static_cast<float>(-double(r) * A);
+  for (int64_t d = 0; d < D; ++d) {
+    k1[d] = r * w[c0 + d];
+    k2[d] = static_cast<float>(-double(r) * r * B);
+    k3[d] = static_cast<float>(-double(r) * A);
   }
 }
 
@@ -411,16 +412,16 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       dsc[n * s.C + c0 + t / K] += part[2 * t];
       dbs[n * s.C + c0 + t / K] += part[2 * t + 1];
     }
-    std::vector<float> k(3 * s.C);
-    dx_coefficients(dsc + n * s.C, dbs + n * s.C, w, r, c0, s.D, double(M), k.data(),
-                    k.data() + s.C, k.data() + 2 * s.C);
+    std::vector<float> k(3 * s.D);  // k1, k2, k3 of this group's channels
+    dx_coefficients(dsc + n * s.C, dbs + n * s.C, w, r, c0, s.D, double(M), k.data(), k.data() + s.D,
+                    k.data() + 2 * s.D);
     maybe_parallel(split, s.D * K, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L), c = c0 + d;
+        const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L);
         if (lo >= hi) continue;
         const int64_t off = off0 + d * s.HW + lo;
-        grad_apply<T>(x + off, du.get() + (off - off0), dx + off, hi - lo, Broadcast{mu}, Broadcast{k[c]},
-                      Broadcast{k[s.C + c]}, Broadcast{k[2 * s.C + c]});
+        grad_apply<T>(x + off, du.get() + (off - off0), dx + off, hi - lo, Broadcast{mu}, Broadcast{k[d]},
+                      Broadcast{k[s.D + d]}, Broadcast{k[2 * s.D + d]});
       }
     });
   });
@@ -451,7 +452,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
         dsc[n * C + c] += part[2 * blk * C + c], dbs[n * C + c] += part[2 * blk * C + C + c];
     for (int64_t g = 0; g < s.G; ++g)
       dx_coefficients(dsc + n * C, dbs + n * C, w, rstd[n * s.G + g], g * s.D, s.D,
-                      double(s.D * HW), k1, k2, k3);
+                      double(s.D * HW), k1 + g * s.D, k2 + g * s.D, k3 + g * s.D);
     maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
       for (int64_t p = b0 * pb.size; p < std::min(HW, b1 * pb.size); ++p) {
         const int64_t off = base + p * C;
