@@ -16,7 +16,7 @@ import torch
 
 import genkern
 
-from . import bench_ddpm_step, bench_gan_ops, bench_group_norm_silu
+from . import bench_ddpm_step, bench_gan_ops, bench_group_norm_silu, targets
 from .harness import copy_bandwidth, device_name, nbytes, saved_bytes, steady_cpu_allocator, time_interleaved
 
 OPS = {"group_norm_silu": bench_group_norm_silu, "ddpm_step": bench_ddpm_step, **bench_gan_ops.OPS}
@@ -184,16 +184,18 @@ def main(argv=None):
     print(text)
     for e in errors:
         print(f"FAILED: {e['case']} {e['impl']}: {e['error']}")
+    checks = targets.check(rows, args.device, genkern._backend.select(args.device))
+    print("\n" + targets.summary_text(checks))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.device)
     with open(stem + ".json", "w") as f:
-        json.dump(dict(environment=env, rows=rows, errors=errors), f, indent=1)
+        json.dump(dict(environment=env, rows=rows, errors=errors, targets=checks), f, indent=1)
     title = f"genkern on {env['device_name']} ({env['date']}, torch {env['torch']})"
     with open(stem + ".md", "w") as f:
         f.write(f"# {title}\n\nGB/s from each op's bytes-moved model; % copy = that over a device copy of the "
                 f"same size measured in the same run; saved MB = tensors kept for backward. "
                 f"Steady CPU allocator: {steady}.\n\n")
-        f.write(table_markdown(rows) + "\n")
+        f.write(table_markdown(rows) + "\n\n" + targets.summary_markdown(checks) + "\n")
     made_png = chart(rows, stem + ".png", title)
     if errors:
         with open(stem + ".md", "a") as f:
