@@ -1,0 +1,65 @@
+"""The benchmark report's target check (bench/targets.py) and one short `python -m bench` run."""
+import json
+import os
+import subprocess
+import sys
+
+from bench import targets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _row(op, shape, pass_, impl, vs_eager, vs_compile=None, frac_copy=0.5, dtype="float32"):
+    return dict(op=op, shape=shape, layout="nchw", dtype=dtype, pass_=pass_, impl=impl, vs_eager=vs_eager,
+                vs_compile=vs_compile, frac_copy=frac_copy)
+
+
+def test_cpu_targets_report_misses_with_their_reason():
+    rows = [
+        _row("group_norm_silu", "8x512x32x32", "fwd", "genkern[cpu]", 1.7, 1.4, frac_copy=0.4),  # 16 MB
+        _row("group_norm_silu", "8x512x32x32", "fwd", "eager", 1.0, 0.9),
+        _row("group_norm_silu", "16x256x16x16", "fwd+bwd", "genkern[cpu]", 1.6, 1.3, frac_copy=0.1),  # 4 MB
+        _row("ddpm_step", "64x3x32x32", "fwd", "genkern[cpu]", 4.5, 12.0),
+        _row("gradient_penalty", "64x3x64x64", "fwd+bwd", "genkern[cpu]", 1.9, 0.95),
+    ]
+    checks = targets.check(rows, "cpu", "cpu")
+    by = {(c["case"], c["what"]): c for c in checks}
+    gn = by[("group_norm_silu 8x512x32x32 nchw float32 fwd", "vs eager")]
+    assert not gn["met"] and gn["target"] == 2.0 and gn["measured"] == 1.7 and "SiLU" in gn["why"]
+    assert not by[("group_norm_silu 8x512x32x32 nchw float32 fwd", "of copy bandwidth")]["met"]
+    # 4 MB input: not a large memory-bound case, so no bandwidth target; 1.6x meets the 1.5x fwd+bwd target
+    assert ("group_norm_silu 16x256x16x16 nchw float32 fwd+bwd", "of copy bandwidth") not in by
+    assert by[("group_norm_silu 16x256x16x16 nchw float32 fwd+bwd", "vs eager")]["met"]
+    assert by[("ddpm_step 64x3x32x32 nchw float32 fwd", "vs eager")]["met"]
+    gp = by[("gradient_penalty 64x3x64x64 nchw float32 fwd+bwd", "vs torch.compile")]
+    assert not gp["met"] and gp["why"]  # an unexplained miss still says so
+    # only genkern's default backend is judged: the eager row adds no entries
+    assert len(checks) == 3 + 2 + 2 + 2
+    text = targets.summary_text(checks)
+    assert text.splitlines()[0] == f"targets: {sum(c['met'] for c in checks)} of {len(checks)} met"
+    assert text.count("MISSED") == sum(not c["met"] for c in checks)
+
+
+def test_gpu_targets_use_the_roofline_fractions():
+    rows = [_row("group_norm_silu", "32x512x64x64", "fwd", "genkern[cuda]", 3.1, 1.5, frac_copy=0.84),
+            _row("pixel_norm", "64x512x32x32", "fwd", "genkern[cuda]", 5.0, 1.05, frac_copy=0.9)]
+    by = {(c["case"], c["what"]): c for c in targets.check(rows, "cuda", "cuda")}
+    assert not by[("group_norm_silu 32x512x64x64 nchw float32 fwd", "of copy bandwidth")]["met"]  # 84% < 85%
+    assert by[("group_norm_silu 32x512x64x64 nchw float32 fwd", "vs eager")]["met"]
+    assert by[("pixel_norm 64x512x32x32 nchw float32 fwd", "of copy bandwidth")]["met"]
+    assert not by[("pixel_norm 64x512x32x32 nchw float32 fwd", "vs torch.compile")]["met"]  # 1.05 < 1.1
+
+
+def test_python_m_bench_writes_rows_and_targets(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "bench", "--ops", "gradient_penalty", "--no-compile",
+                          "--budget", "0.05", "--device", "cpu", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "targets:" in out.stdout
+    data = json.load(open(tmp_path / "cpu.json"))
+    rows = {(r["pass_"], r["impl"]): r for r in data["rows"]}
+    for pass_ in ("fwd", "fwd+bwd"):
+        eager, fused = rows[(pass_, "eager")], rows[(pass_, "genkern[cpu]")]
+        assert abs(fused["vs_eager"] - eager["ms"] / fused["ms"]) < 1e-6 * fused["vs_eager"]
+    assert [t["case"] for t in data["targets"]] and all("met" in t for t in data["targets"])
+    assert "## Targets" in (tmp_path / "cpu.md").read_text()
