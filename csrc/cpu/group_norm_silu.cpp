@@ -34,36 +34,25 @@ inline std::pair<double, double> shifted_sums(const T* x, int64_t n, float pivot
   double s1 = 0, s2 = 0;
   for (int64_t i = 0; i < n;) {
     const int64_t end = std::min(n, i + kFlush);
-    // four independent pairs of accumulators: with two the loop waits on the FMA latency
-    Vec a1(0.f), a2(0.f), b1(0.f), b2(0.f), c1(0.f), c2(0.f), d1(0.f), d2(0.f);
-    for (; i + 2 * VecIO<T>::kStep <= end; i += 2 * VecIO<T>::kStep) {
-      Vec va, vb, vc, vd;
-      VecIO<T>::load(x + i, va, vb);
-      VecIO<T>::load(x + i + VecIO<T>::kStep, vc, vd);
-      va = va - vp;
-      vb = vb - vp;
-      vc = vc - vp;
-      vd = vd - vp;
-      a1 = a1 + va;
-      a2 = at::vec::fmadd(va, va, a2);
-      b1 = b1 + vb;
-      b2 = at::vec::fmadd(vb, vb, b2);
-      c1 = c1 + vc;
-      c2 = at::vec::fmadd(vc, vc, c2);
-      d1 = d1 + vd;
-      d2 = at::vec::fmadd(vd, vd, d2);
-    }
-    for (; i + VecIO<T>::kStep <= end; i += VecIO<T>::kStep) {
+    // four independent accumulators of each sum: with two the loop waits on the FMA latency
+    Vec acc1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)}, acc2[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+    auto add = [&](int64_t p, int k) {  // one load step into accumulators k and k + 1
       Vec va, vb;
-      VecIO<T>::load(x + i, va, vb);
+      VecIO<T>::load(x + p, va, vb);
       va = va - vp;
       vb = vb - vp;
-      a1 = a1 + va;
-      a2 = at::vec::fmadd(va, va, a2);
-      b1 = b1 + vb;
-      b2 = at::vec::fmadd(vb, vb, b2);
+      acc1[k] = acc1[k] + va;
+      acc2[k] = at::vec::fmadd(va, va, acc2[k]);
+      acc1[k + 1] = acc1[k + 1] + vb;
+      acc2[k + 1] = at::vec::fmadd(vb, vb, acc2[k + 1]);
+    };
+    for (; i + 2 * VecIO<T>::kStep <= end; i += 2 * VecIO<T>::kStep) {
+      add(i, 0);
+      add(i + VecIO<T>::kStep, 2);
     }
-    float t1 = hsum((a1 + b1) + (c1 + d1)), t2 = hsum((a2 + b2) + (c2 + d2));
+    for (; i + VecIO<T>::kStep <= end; i += VecIO<T>::kStep) add(i, 0);
+    float t1 = hsum((acc1[0] + acc1[1]) + (acc1[2] + acc1[3]));
+    float t2 = hsum((acc2[0] + acc2[1]) + (acc2[2] + acc2[3]));
     for (; i < end; ++i) {
       const float v = static_cast<float>(x[i]) - pivot;
       t1 += v;
@@ -96,24 +85,31 @@ inline void shifted_sums_lanes(const T* x, int64_t C, const float* pivot, float*
   }
 }
 
-// SiLU's first stage over up to kActPart values from i (whole kStep steps only; returns how many):
-// xc = x - mu and e = exp(-|u|), u = xc a + b, into L1 buffers that a second loop finishes from.
-// Two loops have 1.25x the throughput of one carrying the whole ~70-cycle chain per vector, which
-// keeps too few vectors in flight (vec.h: exp_neg_abs).
-template <typename T, typename P>
-inline int64_t silu_stage1(const T* x, int64_t i, int64_t n, P mu, P a, P b, float* xcb, float* eb) {
-  const int64_t len = std::min(kActPart, (n - i) / VecIO<T>::kStep * VecIO<T>::kStep);
-  for (int64_t j = 0; j < len; j += VecIO<T>::kStep) {
-    Vec va, vb;
-    VecIO<T>::load(x + i + j, va, vb);
-    va = va - mu.vec(i + j);
-    vb = vb - mu.vec(i + j + kVec);
-    va.store(xcb + j);
-    vb.store(xcb + j + kVec);
-    exp_neg_abs(at::vec::fmadd(va, a.vec(i + j), b.vec(i + j))).store(eb + j);
-    exp_neg_abs(at::vec::fmadd(vb, a.vec(i + j + kVec), b.vec(i + j + kVec))).store(eb + j + kVec);
+// SiLU over a row in two passes per kActPart values: xc = x - mu and e = exp(-|u|), u = xc a + b,
+// into L1 buffers, then finish(k, xc_a, xc_b, e_a, e_b) for the 2 kVec values at k. Two loops have
+// 1.25x the throughput of one carrying the whole ~70-cycle chain per vector, which keeps too few
+// vectors in flight (vec.h: exp_neg_abs). Covers whole kStep steps; returns where it stopped.
+template <typename T, typename P, typename Finish>
+inline int64_t silu_two_pass(const T* x, int64_t n, P mu, P a, P b, const Finish& finish) {
+  alignas(64) float xcb[kActPart], eb[kActPart];
+  int64_t i = 0;
+  while (i + VecIO<T>::kStep <= n) {
+    const int64_t len = std::min(kActPart, (n - i) / VecIO<T>::kStep * VecIO<T>::kStep);
+    for (int64_t j = 0; j < len; j += VecIO<T>::kStep) {
+      Vec va, vb;
+      VecIO<T>::load(x + i + j, va, vb);
+      va = va - mu.vec(i + j);
+      vb = vb - mu.vec(i + j + kVec);
+      va.store(xcb + j);
+      vb.store(xcb + j + kVec);
+      exp_neg_abs(at::vec::fmadd(va, a.vec(i + j), b.vec(i + j))).store(eb + j);
+      exp_neg_abs(at::vec::fmadd(vb, a.vec(i + j + kVec), b.vec(i + j + kVec))).store(eb + j + kVec);
+    }
+    for (int64_t j = 0; j < len; j += VecIO<T>::kStep)
+      finish(i + j, Vec::loadu(xcb + j), Vec::loadu(xcb + j + kVec), Vec::loadu(eb + j), Vec::loadu(eb + j + kVec));
+    i += len;
   }
-  return len;
+  return i;
 }
 
 // y = act((x - mu) * a + b). Centring first keeps u exact when rstd is huge (near-constant groups).
@@ -121,17 +117,10 @@ template <typename T, Activation A, typename P>
 inline void affine_act(const T* x, T* y, int64_t n, P mu, P a, P b) {
   int64_t i = 0;
   if constexpr (A == Activation::SiLU) {
-    alignas(64) float xcb[kActPart], eb[kActPart];
-    while (i + VecIO<T>::kStep <= n) {
-      const int64_t len = silu_stage1(x, i, n, mu, a, b, xcb, eb);
-      for (int64_t j = 0; j < len; j += VecIO<T>::kStep) {
-        const Vec ua = at::vec::fmadd(Vec::loadu(xcb + j), a.vec(i + j), b.vec(i + j));
-        const Vec ub = at::vec::fmadd(Vec::loadu(xcb + j + kVec), a.vec(i + j + kVec), b.vec(i + j + kVec));
-        VecIO<T>::store(y + i + j, ActVec<A>::f_from_exp(ua, Vec::loadu(eb + j)),
-                        ActVec<A>::f_from_exp(ub, Vec::loadu(eb + j + kVec)));
-      }
-      i += len;
-    }
+    i = silu_two_pass(x, n, mu, a, b, [&](int64_t k, const Vec& xa, const Vec& xb, const Vec& ea, const Vec& eb) {
+      const Vec ua = at::vec::fmadd(xa, a.vec(k), b.vec(k)), ub = at::vec::fmadd(xb, a.vec(k + kVec), b.vec(k + kVec));
+      VecIO<T>::store(y + k, ActVec<A>::f_from_exp(ua, ea), ActVec<A>::f_from_exp(ub, eb));
+    });
   }
   for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
     Vec va, vb;
@@ -171,18 +160,10 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float*
   };
   int64_t i = 0;
   if constexpr (A == Activation::SiLU) {
-    alignas(64) float xcb[kActPart], eb[kActPart];
-    while (i + VecIO<T>::kStep <= n) {
-      const int64_t len = silu_stage1(x, i, n, mu, a, b, xcb, eb);
-      for (int64_t j = 0; j < len; j += VecIO<T>::kStep) {
-        const Vec xa = Vec::loadu(xcb + j), xb = Vec::loadu(xcb + j + kVec);
-        const Vec ua = at::vec::fmadd(xa, a.vec(i + j), b.vec(i + j));
-        const Vec ub = at::vec::fmadd(xb, a.vec(i + j + kVec), b.vec(i + j + kVec));
-        accumulate(i + j, xa, xb, ActVec<A>::df_from_exp(ua, Vec::loadu(eb + j)),
-                   ActVec<A>::df_from_exp(ub, Vec::loadu(eb + j + kVec)));
-      }
-      i += len;
-    }
+    i = silu_two_pass(x, n, mu, a, b, [&](int64_t k, const Vec& xa, const Vec& xb, const Vec& ea, const Vec& eb) {
+      const Vec ua = at::vec::fmadd(xa, a.vec(k), b.vec(k)), ub = at::vec::fmadd(xb, a.vec(k + kVec), b.vec(k + kVec));
+      accumulate(k, xa, xb, ActVec<A>::df_from_exp(ua, ea), ActVec<A>::df_from_exp(ub, eb));
+    });
   }
   for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
     Vec xa, xb;
