@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/parallel.h"
 #include "cpu/vec.h"
 #include "dispatch.h"
 #include "gradient_penalty.h"
@@ -24,32 +25,32 @@ std::tuple<at::Tensor, at::Tensor> gradient_penalty(const at::Tensor& grad_in, d
   GENKERN_DISPATCH_FLOAT_TYPES(g.scalar_type(), "gradient_penalty_cpu", [&] {
     using IO = VecIO<scalar_t>;
     const scalar_t* pg = g.const_data_ptr<scalar_t>();
-    at::parallel_for(0, N * chunks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t i = t / chunks, b = (t % chunks) * kChunk, e = std::min(per, b + kChunk);
-        const scalar_t* p = pg + i * per;
-        // four accumulators: with two the loop waits on the FMA latency, not on the loads
-        Vec s0(0.0f), s1(0.0f), s2(0.0f), s3(0.0f);
-        int64_t k = b;
-        for (; k + 2 * IO::kStep <= e; k += 2 * IO::kStep) {
-          Vec a, c, a2, c2;
-          IO::load(p + k, a, c);
-          IO::load(p + k + IO::kStep, a2, c2);
-          s0 = at::vec::fmadd(a, a, s0);
-          s1 = at::vec::fmadd(c, c, s1);
-          s2 = at::vec::fmadd(a2, a2, s2);
-          s3 = at::vec::fmadd(c2, c2, s3);
-        }
-        for (; k + IO::kStep <= e; k += IO::kStep) {
-          Vec a, c;
-          IO::load(p + k, a, c);
-          s0 = at::vec::fmadd(a, a, s0);
-          s1 = at::vec::fmadd(c, c, s1);
-        }
-        double s = hsum((s0 + s2) + (s1 + s3));
-        for (; k < e; ++k) s += static_cast<double>(p[k]) * static_cast<double>(p[k]);
-        part[t] = s;
+    // small samples: several per task, so tiny gradients do not wake the other threads
+    parallel_blocks(N * chunks, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, std::min(per, kChunk))),
+                    [&](int64_t t) {
+      const int64_t i = t / chunks, b = (t % chunks) * kChunk, e = std::min(per, b + kChunk);
+      const scalar_t* p = pg + i * per;
+      // four accumulators: with two the loop waits on the FMA latency, not on the loads
+      Vec s0(0.0f), s1(0.0f), s2(0.0f), s3(0.0f);
+      int64_t k = b;
+      for (; k + 2 * IO::kStep <= e; k += 2 * IO::kStep) {
+        Vec a, c, a2, c2;
+        IO::load(p + k, a, c);
+        IO::load(p + k + IO::kStep, a2, c2);
+        s0 = at::vec::fmadd(a, a, s0);
+        s1 = at::vec::fmadd(c, c, s1);
+        s2 = at::vec::fmadd(a2, a2, s2);
+        s3 = at::vec::fmadd(c2, c2, s3);
       }
+      for (; k + IO::kStep <= e; k += IO::kStep) {
+        Vec a, c;
+        IO::load(p + k, a, c);
+        s0 = at::vec::fmadd(a, a, s0);
+        s1 = at::vec::fmadd(c, c, s1);
+      }
+      double s = hsum((s0 + s2) + (s1 + s3));
+      for (; k < e; ++k) s += static_cast<double>(p[k]) * static_cast<double>(p[k]);
+      part[t] = s;
     });
   });
   // N values: plain loops, not ATen ops (each of which costs more than this whole tail)
