@@ -25,7 +25,7 @@ import genkern
 
 from . import data
 from .common import TrainRun, add_sample_args, add_train_args, load_checkpoint, run_cli, save_grid
-from .layers import eager_gradient_penalty, slerp
+from .layers import eager_gradient_penalty, slerp_strip
 
 CONFIGS = {
     "digits": {"image_size": 16, "in_channels": 1, "latent": 64, "ch": 32, "num_classes": 10},
@@ -176,7 +176,7 @@ def sample(args) -> torch.Tensor:
     labels = torch.arange(rows).repeat_interleave(args.n) if G.num_classes else None
     z = torch.randn(rows * args.n, G.latent, generator=g)
     ends = torch.randn(2, G.latent, generator=g)
-    z_path = slerp(ends[:1].expand(args.n, -1), ends[1:].expand(args.n, -1), torch.linspace(0, 1, args.n))
+    z_path = slerp_strip(ends, args.n)
     if labels is not None:
         labels = torch.cat([labels, torch.zeros(args.n, dtype=torch.int64)]).to(device)
     out = G(torch.cat([z, z_path]).to(device), labels)

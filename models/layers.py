@@ -105,3 +105,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     wa = torch.where(small, 1 - t, torch.sin((1 - t) * omega) / so.where(~small, torch.ones_like(so)))
     wb = torch.where(small, t, torch.sin(t * omega) / so.where(~small, torch.ones_like(so)))
     return (wa * a2 + wb * b2).reshape((-1,) + a.shape[1:])
+
+
+def slerp_strip(ends: torch.Tensor, n: int) -> torch.Tensor:
+    """n latents evenly spaced in t on the slerp path from ends[0] to ends[1] (the sample grids' last row)."""
+    rest = ends.shape[1:]
+    return slerp(ends[:1].expand(n, *rest), ends[1:2].expand(n, *rest), torch.linspace(0, 1, n))

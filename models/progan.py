@@ -26,7 +26,7 @@ import genkern
 
 from . import data
 from .common import TrainRun, add_sample_args, add_train_args, load_checkpoint, run_cli, save_grid
-from .layers import EqualizedConv2d, EqualizedLinear, eager_gradient_penalty, minibatch_stddev, pixel_norm, slerp
+from .layers import EqualizedConv2d, EqualizedLinear, eager_gradient_penalty, minibatch_stddev, pixel_norm, slerp_strip
 
 CONFIGS = {
     # channels per resolution, from 4x4 up
@@ -180,8 +180,7 @@ def sample(args) -> torch.Tensor:
     g = torch.Generator().manual_seed(args.seed)
     z = torch.randn(args.n * args.n, G.latent, generator=g)
     ends = torch.randn(2, G.latent, generator=g)
-    t = torch.linspace(0, 1, args.n)
-    z_path = slerp(ends[:1].expand(args.n, -1), ends[1:].expand(args.n, -1), t)
+    z_path = slerp_strip(ends, args.n)
     out = G(torch.cat([z, z_path]).to(device))
     save_grid(out, args.out, nrow=args.n)
     return out

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import data
 from .common import TrainRun, add_sample_args, add_train_args, load_checkpoint, run_cli, save_grid
-from .layers import group_norm_silu, slerp
+from .layers import group_norm_silu, slerp_strip
 
 CONFIGS = {
     "digits": {"image_size": 16, "in_channels": 1, "ch": (32, 64), "z_channels": 4, "groups": 8},
@@ -124,8 +124,7 @@ def sample(args) -> torch.Tensor:
     x_all, _ = data.load(run["data"], cfg["image_size"], cfg["in_channels"])
     pair = x_all[torch.randperm(x_all.shape[0], generator=g)[:2]].to(device)
     mu, _ = model.encode(pair)
-    t = torch.linspace(0, 1, args.n, device=device)
-    path = slerp(mu[:1].expand(args.n, *mu.shape[1:]), mu[1:].expand(args.n, *mu.shape[1:]), t)
+    path = slerp_strip(mu, args.n)
     out = model.decode(torch.cat([z, path]))
     save_grid(out, args.out, nrow=args.n)
     return out

@@ -16,17 +16,21 @@
 namespace genkern::cpu {
 namespace {
 
-// One position of the group's G samples, at x_at(g) (read) and o_at(g) (the copy into out): the
-// first walk copies and sums, the second (from L1) sums the squared deviations. Returns
-// sqrt(var + eps), for 2 * kVec lanes (group_std) or one element (group_std_one).
-template <typename T, typename XAt, typename OAt>
-inline std::pair<Vec, Vec> group_std(const XAt& x_at, const OAt& o_at, int64_t G, float eps) {
+// One position of the group's G samples at x_at(g): their mean and sqrt(var + eps) from two walks,
+// the second from L1, for 2 kVec lanes (group_stats) or one element (group_stats_one). on_load(g, ...)
+// sees each sample's values on the first walk: the forward copies them into out there.
+struct GroupStats {
+  Vec mean[2], sd[2];
+};
+
+template <typename T, typename XAt, typename OnLoad>
+inline GroupStats group_stats(const XAt& x_at, int64_t G, float eps, const OnLoad& on_load) {
   using IO = VecIO<T>;
   Vec s0(0.0f), s1(0.0f);
   for (int64_t g = 0; g < G; ++g) {
     Vec a, b;
     IO::load(x_at(g), a, b);
-    IO::store(o_at(g), a, b);
+    on_load(g, a, b);
     s0 = s0 + a;
     s1 = s1 + b;
   }
@@ -38,14 +42,14 @@ inline std::pair<Vec, Vec> group_std(const XAt& x_at, const OAt& o_at, int64_t G
     v0 = v0 + (a - m0) * (a - m0);
     v1 = v1 + (b - m1) * (b - m1);
   }
-  return {(v0 * inv + Vec(eps)).sqrt(), (v1 * inv + Vec(eps)).sqrt()};
+  return {{m0, m1}, {(v0 * inv + Vec(eps)).sqrt(), (v1 * inv + Vec(eps)).sqrt()}};
 }
 
-template <typename T, typename XAt, typename OAt>
-inline float group_std_one(const XAt& x_at, const OAt& o_at, int64_t G, float eps) {
+template <typename T, typename XAt, typename OnLoad>
+inline std::pair<float, float> group_stats_one(const XAt& x_at, int64_t G, float eps, const OnLoad& on_load) {
   float sum = 0.0f, var = 0.0f;
   for (int64_t g = 0; g < G; ++g) {
-    *o_at(g) = *x_at(g);
+    on_load(g, *x_at(g));
     sum += static_cast<float>(*x_at(g));
   }
   const float mu = sum / G;
@@ -53,7 +57,20 @@ inline float group_std_one(const XAt& x_at, const OAt& o_at, int64_t G, float ep
     const float d = static_cast<float>(*x_at(g)) - mu;
     var += d * d;
   }
-  return std::sqrt(var / G + eps);
+  return {mu, std::sqrt(var / G + eps)};
+}
+
+// The forward's walk: group_stats that copies x into out (at o_at(g)) on the way; returns the std.
+template <typename T, typename XAt, typename OAt>
+inline std::pair<Vec, Vec> group_std(const XAt& x_at, const OAt& o_at, int64_t G, float eps) {
+  const GroupStats st =
+      group_stats<T>(x_at, G, eps, [&](int64_t g, const Vec& a, const Vec& b) { VecIO<T>::store(o_at(g), a, b); });
+  return {st.sd[0], st.sd[1]};
+}
+
+template <typename T, typename XAt, typename OAt>
+inline float group_std_one(const XAt& x_at, const OAt& o_at, int64_t G, float eps) {
+  return group_stats_one<T>(x_at, G, eps, [&](int64_t g, T v) { *o_at(g) = v; }).second;
 }
 
 // NCHW: a run of positions j in [j0, j1) of slice f (channel f c + j / P, pixel j % P: contiguous in
@@ -144,48 +161,28 @@ at::Tensor minibatch_stddev(const at::Tensor& x_in, int64_t group_size, int64_t 
 }
 
 // Backward over one row of n elements contiguous in each of the G samples of a group (x_at(g),
-// dout_at(g), dx_at(g)): per 2 kVec lanes, the group's mean and std from two walks over the G samples
-// (from L1 after the first), then dx_g = dout_g + k (x_g - mean) / std, k the statistic channel's
+// dout_at(g), dx_at(g)): per 2 kVec lanes, the group's mean and std (group_stats, as the forward),
+// then dx_g = dout_g + k (x_g - mean) / std, k the statistic channel's
 // gradient scale (csrc/minibatch_stddev.h). All G samples of a lane are in flight at once, as in the
 // forward; a walk per sample over the whole row ran at a third of copy speed.
 template <typename T, typename XAt, typename GAt, typename DAt, typename K>
 void grad_row(const XAt& x_at, const GAt& dout_at, const DAt& dx_at, int64_t n, int64_t G, K k, float eps) {
   using IO = VecIO<T>;
-  const Vec inv(1.0f / G), ve(eps);
+  auto none = [](int64_t, auto&&...) {};
   int64_t j = 0;
   for (; j + IO::kStep <= n; j += IO::kStep) {
-    Vec s0(0.0f), s1(0.0f);
-    for (int64_t g = 0; g < G; ++g) {
-      Vec a, b;
-      IO::load(x_at(g) + j, a, b);
-      s0 = s0 + a;
-      s1 = s1 + b;
-    }
-    const Vec m0 = s0 * inv, m1 = s1 * inv;
-    Vec v0(0.0f), v1(0.0f);
-    for (int64_t g = 0; g < G; ++g) {
-      Vec a, b;
-      IO::load(x_at(g) + j, a, b);
-      v0 = at::vec::fmadd(a - m0, a - m0, v0);
-      v1 = at::vec::fmadd(b - m1, b - m1, v1);
-    }
-    const Vec r0 = k.vec(j) / (v0 * inv + ve).sqrt(), r1 = k.vec(j + kVec) / (v1 * inv + ve).sqrt();
+    const GroupStats st = group_stats<T>([&](int64_t g) { return x_at(g) + j; }, G, eps, none);
+    const Vec r0 = k.vec(j) / st.sd[0], r1 = k.vec(j + kVec) / st.sd[1];
     for (int64_t g = 0; g < G; ++g) {
       Vec a, b, d0, d1;
       IO::load(x_at(g) + j, a, b);
       IO::load(dout_at(g) + j, d0, d1);
-      IO::store(dx_at(g) + j, at::vec::fmadd(r0, a - m0, d0), at::vec::fmadd(r1, b - m1, d1));
+      IO::store(dx_at(g) + j, at::vec::fmadd(r0, a - st.mean[0], d0), at::vec::fmadd(r1, b - st.mean[1], d1));
     }
   }
   for (; j < n; ++j) {
-    float sum = 0.0f, var = 0.0f;
-    for (int64_t g = 0; g < G; ++g) sum += static_cast<float>(x_at(g)[j]);
-    const float mu = sum / G;
-    for (int64_t g = 0; g < G; ++g) {
-      const float d = static_cast<float>(x_at(g)[j]) - mu;
-      var += d * d;
-    }
-    const float r = k.at(j) / std::sqrt(var / G + eps);
+    const auto [mu, sd] = group_stats_one<T>([&](int64_t g) { return x_at(g) + j; }, G, eps, none);
+    const float r = k.at(j) / sd;
     for (int64_t g = 0; g < G; ++g)
       dx_at(g)[j] = static_cast<T>(static_cast<float>(dout_at(g)[j]) + r * (static_cast<float>(x_at(g)[j]) - mu));
   }
