@@ -64,46 +64,98 @@ inline std::pair<double, double> shifted_sums(const T* x, int64_t n, float pivot
   return {s1, s2};
 }
 
-// acc1[c] += x[c] - pivot[c]; acc2[c] += (x[c] - pivot[c])^2 over one channels-last row.
+// acc1[c] += x[r][c] - pivot[c]; acc2[c] += (x[r][c] - pivot[c])^2 over `rows` channels-last rows
+// of C values. Up to four rows per load and store of the accumulators (one row each made the
+// statistics pass a third of the forward's time).
 template <typename T>
-inline void shifted_sums_lanes(const T* x, int64_t C, const float* pivot, float* acc1, float* acc2) {
-  int64_t c = 0;
-  for (; c + VecIO<T>::kStep <= C; c += VecIO<T>::kStep) {
-    Vec va, vb;
-    VecIO<T>::load(x + c, va, vb);
-    va = va - Vec::loadu(pivot + c);
-    vb = vb - Vec::loadu(pivot + c + kVec);
-    (Vec::loadu(acc1 + c) + va).store(acc1 + c);
-    (Vec::loadu(acc1 + c + kVec) + vb).store(acc1 + c + kVec);
-    at::vec::fmadd(va, va, Vec::loadu(acc2 + c)).store(acc2 + c);
-    at::vec::fmadd(vb, vb, Vec::loadu(acc2 + c + kVec)).store(acc2 + c + kVec);
-  }
-  for (; c < C; ++c) {
-    const float v = static_cast<float>(x[c]) - pivot[c];
-    acc1[c] += v;
-    acc2[c] += v * v;
+inline void shifted_sums_lanes(const T* x, int64_t rows, int64_t C, const float* pivot, float* acc1, float* acc2) {
+  constexpr int64_t kRows = 4;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    const int64_t nr = std::min(kRows, rows - r0);
+    const T* xr = x + r0 * C;
+    int64_t c = 0;
+    for (; c + VecIO<T>::kStep <= C; c += VecIO<T>::kStep) {
+      const Vec pa = Vec::loadu(pivot + c), pb = Vec::loadu(pivot + c + kVec);
+      Vec s1a = Vec::loadu(acc1 + c), s1b = Vec::loadu(acc1 + c + kVec);
+      Vec s2a = Vec::loadu(acc2 + c), s2b = Vec::loadu(acc2 + c + kVec);
+      for (int64_t r = 0; r < nr; ++r) {
+        Vec va, vb;
+        VecIO<T>::load(xr + r * C + c, va, vb);
+        va = va - pa;
+        vb = vb - pb;
+        s1a = s1a + va;
+        s1b = s1b + vb;
+        s2a = at::vec::fmadd(va, va, s2a);
+        s2b = at::vec::fmadd(vb, vb, s2b);
+      }
+      s1a.store(acc1 + c);
+      s1b.store(acc1 + c + kVec);
+      s2a.store(acc2 + c);
+      s2b.store(acc2 + c + kVec);
+    }
+    for (; c < C; ++c)
+      for (int64_t r = 0; r < nr; ++r) {
+        const float v = static_cast<float>(xr[r * C + c]) - pivot[c];
+        acc1[c] += v;
+        acc2[c] += v * v;
+      }
   }
 }
 
-// SiLU over a row in two passes per kActPart values: xc = x - mu and e = exp(-|u|), u = xc a + b,
-// into L1 buffers, then finish(k, xc_a, xc_b, e_a, e_b) for the 2 kVec values at k. Two loops have
-// 1.25x the throughput of one carrying the whole ~70-cycle chain per vector, which keeps too few
-// vectors in flight (vec.h: exp_neg_abs). Covers whole kStep steps; returns where it stopped.
+// The affine map of a row: u = (x - mu) a + b, and t = u log2(e) = (x - mu) a2 + b2 with a2, b2 the
+// same times log2(e), so that the exponential's argument costs one FMA. P: Broadcast (NCHW, one
+// channel per row) or PerLane (channels-last, a row runs over the channels).
+template <typename P>
+struct Affine {
+  P mu, a, b, a2, b2;
+};
+inline Affine<Broadcast> affine(float mu, float a, float b) {
+  return {{mu}, {a}, {b}, {a * kLog2e}, {b * kLog2e}};
+}
+// Channels-last: the five per-channel arrays of one sample.
+struct LaneAffine {
+  int64_t C;
+  std::vector<float> v;
+  explicit LaneAffine(int64_t C) : C(C), v(5 * C) {}
+  void set(int64_t c, float mu, float a, float b) {
+    v[c] = mu, v[C + c] = a, v[2 * C + c] = b, v[3 * C + c] = a * kLog2e, v[4 * C + c] = b * kLog2e;
+  }
+  Affine<PerLane> lanes() const {
+    const float* p = v.data();
+    return {{p}, {p + C}, {p + 2 * C}, {p + 3 * C}, {p + 4 * C}};
+  }
+};
+
+// Rows a loop asks the cache for while it computes on its own: the same offsets in up to two other
+// arrays (the next group's x, and dy), which the thread reads next.
+template <typename T>
+struct Prefetch {
+  const T *p0 = nullptr, *p1 = nullptr;
+  void at(int64_t i) const {
+    if (p0) prefetch(p0 + i);
+    if (p1) prefetch(p1 + i);
+  }
+};
+
+// SiLU over a row in two passes per kActPart values: xc = x - mu and e = exp(-|u|) into L1 buffers, then finish(k, xc_a, xc_b, e_a, e_b) for the 2 kVec values at k. Two loops have
+// 1.25x the throughput of one carrying the whole ~50-cycle chain per vector, which keeps too few
+// vectors in flight (vec.h: exp2_neg_abs). Covers whole kStep steps; returns where it stopped.
 template <typename T, typename P, typename Finish>
-inline int64_t silu_two_pass(const T* x, int64_t n, P mu, P a, P b, const Finish& finish) {
+inline int64_t silu_two_pass(const T* x, int64_t n, const Affine<P>& f, Prefetch<T> pf, const Finish& finish) {
   alignas(64) float xcb[kActPart], eb[kActPart];
   int64_t i = 0;
   while (i + VecIO<T>::kStep <= n) {
     const int64_t len = std::min(kActPart, (n - i) / VecIO<T>::kStep * VecIO<T>::kStep);
     for (int64_t j = 0; j < len; j += VecIO<T>::kStep) {
+      pf.at(i + j);
       Vec va, vb;
       VecIO<T>::load(x + i + j, va, vb);
-      va = va - mu.vec(i + j);
-      vb = vb - mu.vec(i + j + kVec);
+      va = va - f.mu.vec(i + j);
+      vb = vb - f.mu.vec(i + j + kVec);
       va.store(xcb + j);
       vb.store(xcb + j + kVec);
-      exp_neg_abs(at::vec::fmadd(va, a.vec(i + j), b.vec(i + j))).store(eb + j);
-      exp_neg_abs(at::vec::fmadd(vb, a.vec(i + j + kVec), b.vec(i + j + kVec))).store(eb + j + kVec);
+      exp2_neg_abs(at::vec::fmadd(va, f.a2.vec(i + j), f.b2.vec(i + j))).store(eb + j);
+      exp2_neg_abs(at::vec::fmadd(vb, f.a2.vec(i + j + kVec), f.b2.vec(i + j + kVec))).store(eb + j + kVec);
     }
     for (int64_t j = 0; j < len; j += VecIO<T>::kStep)
       finish(i + j, Vec::loadu(xcb + j), Vec::loadu(xcb + j + kVec), Vec::loadu(eb + j), Vec::loadu(eb + j + kVec));
@@ -113,16 +165,19 @@ inline int64_t silu_two_pass(const T* x, int64_t n, P mu, P a, P b, const Finish
 }
 
 // y = act((x - mu) * a + b). Centring first keeps u exact when rstd is huge (near-constant groups).
+// pf: rows to prefetch meanwhile (silu_two_pass).
 template <typename T, Activation A, typename P>
-inline void affine_act(const T* x, T* y, int64_t n, P mu, P a, P b) {
+inline void affine_act(const T* x, T* y, int64_t n, const Affine<P>& f, Prefetch<T> pf = {}) {
+  const P &mu = f.mu, &a = f.a, &b = f.b;
   int64_t i = 0;
   if constexpr (A == Activation::SiLU) {
-    i = silu_two_pass(x, n, mu, a, b, [&](int64_t k, const Vec& xa, const Vec& xb, const Vec& ea, const Vec& eb) {
+    i = silu_two_pass(x, n, f, pf, [&](int64_t k, const Vec& xa, const Vec& xb, const Vec& ea, const Vec& eb) {
       const Vec ua = at::vec::fmadd(xa, a.vec(k), b.vec(k)), ub = at::vec::fmadd(xb, a.vec(k + kVec), b.vec(k + kVec));
       VecIO<T>::store(y + k, ActVec<A>::f_from_exp(ua, ea), ActVec<A>::f_from_exp(ub, eb));
     });
   }
   for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
+    pf.at(i);
     Vec va, vb;
     VecIO<T>::load(x + i, va, vb);
     va = ActVec<A>::f(at::vec::fmadd(va - mu.vec(i), a.vec(i), b.vec(i)));
@@ -136,8 +191,9 @@ inline void affine_act(const T* x, T* y, int64_t n, P mu, P a, P b) {
 // activation's derivative is the expensive part; pass 2 then costs two loads and two FMAs);
 // accumulates du * (x - mu) and du.
 template <typename T, Activation A, typename P>
-inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float* du_out, float* dsc,
-                      float* db, bool per_lane_out) {
+inline void grad_sums(const T* x, const T* dy, int64_t n, const Affine<P>& f, float* du_out, float* dsc,
+                      float* db, bool per_lane_out, Prefetch<T> pf = {}) {
+  const P &mu = f.mu, &a = f.a, &b = f.b;
   // per_lane_out: accumulate into dsc[i], db[i] (channels-last); else into dsc[0], db[0].
   Vec s1(0.f), s2(0.f);
   // given xc = x - mu and act'(u) for the 2 kVec values at i
@@ -160,7 +216,7 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, P a, P b, P mu, float*
   };
   int64_t i = 0;
   if constexpr (A == Activation::SiLU) {
-    i = silu_two_pass(x, n, mu, a, b, [&](int64_t k, const Vec& xa, const Vec& xb, const Vec& ea, const Vec& eb) {
+    i = silu_two_pass(x, n, f, pf, [&](int64_t k, const Vec& xa, const Vec& xb, const Vec& ea, const Vec& eb) {
       const Vec ua = at::vec::fmadd(xa, a.vec(k), b.vec(k)), ub = at::vec::fmadd(xb, a.vec(k + kVec), b.vec(k + kVec));
       accumulate(k, xa, xb, ActVec<A>::df_from_exp(ua, ea), ActVec<A>::df_from_exp(ub, eb));
     });
@@ -221,15 +277,16 @@ inline void maybe_parallel(bool parallel, int64_t n, const Fn& fn) {
   }
 }
 
-// Runs body(unit, split) for unit in [0, units): whole units per thread when there are enough of
-// them, else one unit at a time with `split` = true so that the body spreads it over the threads.
-// Whole units are handed out one at a time (parallel.h), so a worker that wakes late takes fewer.
+// Runs body(unit, split, next) for unit in [0, units): whole units per thread when there are enough
+// of them, else one unit at a time with `split` = true so that the body spreads it over the threads.
+// Whole units are handed out one at a time (parallel.h), so a worker that wakes late takes fewer;
+// `next` is the unit the same worker runs next (-1 if none or split), for prefetching.
 template <typename Fn>
 inline void for_each_unit(int64_t units, const Fn& body) {
   if (units >= at::get_num_threads()) {
-    parallel_blocks(units, 1, [&](int64_t u) { body(u, false); });
+    parallel_blocks_ahead(units, [&](int64_t u, int64_t next) { body(u, false, next); });
   } else {
-    for (int64_t u = 0; u < units; ++u) body(u, true);
+    for (int64_t u = 0; u < units; ++u) body(u, true, int64_t{-1});
   }
 }
 
@@ -254,7 +311,7 @@ template <typename T, Activation A>
 void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
                   const GroupNormShape& s, double eps) {
   const int64_t M = s.D * s.HW;
-  for_each_unit(s.N * s.G, [&](int64_t ng, bool split) {
+  for_each_unit(s.N * s.G, [&](int64_t ng, bool split, int64_t next) {
     const T* xg = x + ng * M;
     T* yg = y + ng * M;
     const int64_t g = ng % s.G;
@@ -283,7 +340,8 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean,
         const int64_t c = g * s.D + d;
         const float a = r * w[c];
         const int64_t off = d * s.HW + lo;
-        affine_act<T, A>(xg + off, yg + off, hi - lo, Broadcast{mu}, Broadcast{a}, Broadcast{b[c]});
+        affine_act<T, A>(xg + off, yg + off, hi - lo, affine(mu, a, b[c]),
+                         next >= 0 ? Prefetch<T>{x + next * M + off} : Prefetch<T>{});
       }
     });
   });
@@ -300,9 +358,9 @@ struct PixelBlocks {
 };
 
 // Per-channel sums over the pixel rows of one channels-last sample, one float64 [2, C] slot per
-// block: row(p, acc1, acc2) adds row p into float32 accumulators, flushed every kFlushRows rows.
-template <typename RowFn>
-std::vector<double> channel_block_sums(bool split, const PixelBlocks& pb, int64_t HW, int64_t C, const RowFn& row) {
+// block: rows(p, q, acc1, acc2) adds rows [p, q) into float32 accumulators, flushed every kFlushRows rows.
+template <typename RowsFn>
+std::vector<double> channel_block_sums(bool split, const PixelBlocks& pb, int64_t HW, int64_t C, const RowsFn& rows) {
   std::vector<double> part(2 * pb.count * C, 0.0);
   maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
     std::vector<float> acc(2 * C);
@@ -312,7 +370,8 @@ std::vector<double> channel_block_sums(bool split, const PixelBlocks& pb, int64_
       for (int64_t p = blk * pb.size; p < p_end;) {
         const int64_t q = std::min(p_end, p + kFlushRows);
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (; p < q; ++p) row(p, acc.data(), acc.data() + C);
+        rows(p, q, acc.data(), acc.data() + C);
+        p = q;
         for (int64_t c = 0; c < C; ++c) out[c] += acc[c], out[C + c] += acc[C + c];
       }
     }
@@ -324,14 +383,15 @@ template <typename T, Activation A>
 void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
                   const GroupNormShape& s, double eps) {
   const int64_t C = s.C, HW = s.HW;
-  for_each_unit(s.N, [&](int64_t n, bool split) {
+  for_each_unit(s.N, [&](int64_t n, bool split, int64_t next) {
     const T* xn = x + n * HW * C;
     T* yn = y + n * HW * C;
-    std::vector<float> pivot(C), muc(C), a(C);
+    std::vector<float> pivot(C);
+    LaneAffine f(C);
     for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<float>(xn[(c / s.D) * s.D]);
     const PixelBlocks pb(split, HW, C);
-    const std::vector<double> part = channel_block_sums(split, pb, HW, C, [&](int64_t p, float* a1, float* a2) {
-      shifted_sums_lanes(xn + p * C, C, pivot.data(), a1, a2);
+    const std::vector<double> part = channel_block_sums(split, pb, HW, C, [&](int64_t p, int64_t q, float* a1, float* a2) {
+      shifted_sums_lanes(xn + p * C, q - p, C, pivot.data(), a1, a2);
     });
     for (int64_t g = 0; g < s.G; ++g) {
       double s1 = 0, s2 = 0;
@@ -342,11 +402,12 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean,
       mean_rstd(s1, s2, static_cast<double>(s.D * HW), pivot[g * s.D], eps, mu, r);
       mean[n * s.G + g] = mu;
       rstd[n * s.G + g] = r;
-      for (int64_t c = g * s.D; c < (g + 1) * s.D; ++c) muc[c] = mu, a[c] = r * w[c];
+      for (int64_t c = g * s.D; c < (g + 1) * s.D; ++c) f.set(c, mu, r * w[c], b[c]);
     }
     maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
       for (int64_t p = b0 * pb.size; p < std::min(HW, b1 * pb.size); ++p)
-        affine_act<T, A>(xn + p * C, yn + p * C, C, PerLane{muc.data()}, PerLane{a.data()}, PerLane{b});
+        affine_act<T, A>(xn + p * C, yn + p * C, C, f.lanes(),
+                         next >= 0 ? Prefetch<T>{x + (next * HW + p) * C} : Prefetch<T>{});
     });
   });
 }
@@ -373,7 +434,7 @@ template <typename T, Activation A>
 void backward_nchw(const T* dy, const T* x, const float* w, const float* b, const float* mean,
                    const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s) {
   const int64_t M = s.D * s.HW;
-  for_each_unit(s.N * s.G, [&](int64_t ng, bool split) {
+  for_each_unit(s.N * s.G, [&](int64_t ng, bool split, int64_t next) {
     const int64_t n = ng / s.G, g = ng % s.G, c0 = g * s.D, off0 = ng * M;
     const float mu = mean[ng], r = rstd[ng];
     const int64_t K = slices_per_row(split, s.D, s.HW), L = (s.HW + K - 1) / K;
@@ -385,8 +446,10 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
         if (lo >= hi) continue;
         const float a = r * w[c0 + d];
         const int64_t off = off0 + d * s.HW + lo;
-        grad_sums<T, A>(x + off, dy + off, hi - lo, Broadcast{a}, Broadcast{b[c0 + d]}, Broadcast{mu},
-                        du.get() + (off - off0), &part[2 * t], &part[2 * t + 1], false);
+        const int64_t ahead = (next - ng) * M;  // the same place in the next group
+        grad_sums<T, A>(x + off, dy + off, hi - lo, affine(mu, a, b[c0 + d]), du.get() + (off - off0),
+                        &part[2 * t], &part[2 * t + 1], false,
+                        next >= 0 ? Prefetch<T>{x + off + ahead, dy + off + ahead} : Prefetch<T>{});
       }
     });
     for (int64_t t = 0; t < s.D * K; ++t) {
@@ -412,21 +475,20 @@ template <typename T, Activation A>
 void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, const float* mean,
                    const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s) {
   const int64_t C = s.C, HW = s.HW;
-  for_each_unit(s.N, [&](int64_t n, bool split) {
+  for_each_unit(s.N, [&](int64_t n, bool split, int64_t) {
     const int64_t base = n * HW * C;
-    // per channel: a (to recompute u with b), mu, and the dx coefficients k1..k3
-    std::vector<float> prm(5 * C);
-    float *a = prm.data(), *mu = a + C, *k1 = mu + C, *k2 = k1 + C, *k3 = k2 + C;
+    LaneAffine f(C);  // to recompute u
     for (int64_t c = 0; c < C; ++c) {
       const int64_t ng = n * s.G + c / s.D;
-      mu[c] = mean[ng];
-      a[c] = rstd[ng] * w[c];
+      f.set(c, mean[ng], rstd[ng] * w[c], b[c]);
     }
+    std::vector<float> k(3 * C);  // the dx coefficients k1..k3 per channel
+    float *k1 = k.data(), *k2 = k1 + C, *k3 = k2 + C;
     const PixelBlocks pb(split, HW, C);
     std::unique_ptr<float[]> du(new float[HW * C]);  // this sample's du
-    const std::vector<double> part = channel_block_sums(split, pb, HW, C, [&](int64_t p, float* a1, float* a2) {
-      grad_sums<T, A>(x + base + p * C, dy + base + p * C, C, PerLane{a}, PerLane{b}, PerLane{mu}, du.get() + p * C,
-                      a1, a2, true);
+    const std::vector<double> part = channel_block_sums(split, pb, HW, C, [&](int64_t p, int64_t q, float* a1, float* a2) {
+      for (; p < q; ++p)
+        grad_sums<T, A>(x + base + p * C, dy + base + p * C, C, f.lanes(), du.get() + p * C, a1, a2, true);
     });
     for (int64_t blk = 0; blk < pb.count; ++blk)
       for (int64_t c = 0; c < C; ++c)
@@ -437,7 +499,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
     maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
       for (int64_t p = b0 * pb.size; p < std::min(HW, b1 * pb.size); ++p) {
         const int64_t off = base + p * C;
-        grad_apply<T>(x + off, du.get() + p * C, dx + off, C, PerLane{mu}, PerLane{k1}, PerLane{k2}, PerLane{k3});
+        grad_apply<T>(x + off, du.get() + p * C, dx + off, C, f.lanes().mu, PerLane{k1}, PerLane{k2}, PerLane{k3});
       }
     });
   });
