@@ -430,6 +430,25 @@ inline void dx_coefficients(const double* dsc, const double* dbs, const float* w
   }
 }
 
+// Scratch floats for the group a thread is on: a per-thread buffer reused across groups and calls
+// up to 1 MB, its own allocation above. Three mallocs per group were ~2% of a 16x256x16x16
+// forward+backward (512 groups; 1.55 -> 1.52 ms over three alternating bench runs).
+struct GroupScratch {
+  static constexpr int64_t kKeep = int64_t{1} << 18;
+  std::unique_ptr<float[]> own;
+  float* p;
+  explicit GroupScratch(int64_t n) {
+    thread_local std::vector<float> keep;
+    if (n <= kKeep) {
+      if (static_cast<int64_t>(keep.size()) < n) keep.resize(n);
+      p = keep.data();
+    } else {
+      own.reset(new float[n]);
+      p = own.get();
+    }
+  }
+};
+
 template <typename T, Activation A>
 void backward_nchw(const T* dy, const T* x, const float* w, const float* b, const float* mean,
                    const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s) {
@@ -438,8 +457,10 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
     const int64_t n = ng / s.G, g = ng % s.G, c0 = g * s.D, off0 = ng * M;
     const float mu = mean[ng], r = rstd[ng];
     const int64_t K = slices_per_row(split, s.D, s.HW), L = (s.HW + K - 1) / K;
-    std::vector<float> part(2 * s.D * K, 0.f);
-    std::unique_ptr<float[]> du(new float[M]);  // this group's du, cache-resident between the passes
+    // this group's du (cache-resident between the passes), its partial sums and dx coefficients
+    GroupScratch scratch(M + 2 * s.D * K + 3 * s.D);
+    float *du = scratch.p, *part = du + M, *k = part + 2 * s.D * K;
+    std::fill(part, part + 2 * s.D * K, 0.f);
     maybe_parallel(split, s.D * K, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L);
@@ -447,7 +468,7 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
         const float a = r * w[c0 + d];
         const int64_t off = off0 + d * s.HW + lo;
         const int64_t ahead = (next - ng) * M;  // the same place in the next group
-        grad_sums<T, A>(x + off, dy + off, hi - lo, affine(mu, a, b[c0 + d]), du.get() + (off - off0),
+        grad_sums<T, A>(x + off, dy + off, hi - lo, affine(mu, a, b[c0 + d]), du + (off - off0),
                         &part[2 * t], &part[2 * t + 1], false,
                         next >= 0 ? Prefetch<T>{x + off + ahead, dy + off + ahead} : Prefetch<T>{});
       }
@@ -456,15 +477,13 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       dsc[n * s.C + c0 + t / K] += part[2 * t];
       dbs[n * s.C + c0 + t / K] += part[2 * t + 1];
     }
-    std::vector<float> k(3 * s.D);  // k1, k2, k3 of this group's channels
-    dx_coefficients(dsc + n * s.C, dbs + n * s.C, w, r, c0, s.D, double(M), k.data(), k.data() + s.D,
-                    k.data() + 2 * s.D);
+    dx_coefficients(dsc + n * s.C, dbs + n * s.C, w, r, c0, s.D, double(M), k, k + s.D, k + 2 * s.D);
     maybe_parallel(split, s.D * K, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L);
         if (lo >= hi) continue;
         const int64_t off = off0 + d * s.HW + lo;
-        grad_apply<T>(x + off, du.get() + (off - off0), dx + off, hi - lo, Broadcast{mu}, Broadcast{k[d]},
+        grad_apply<T>(x + off, du + (off - off0), dx + off, hi - lo, Broadcast{mu}, Broadcast{k[d]},
                       Broadcast{k[s.D + d]}, Broadcast{k[2 * s.D + d]});
       }
     });
