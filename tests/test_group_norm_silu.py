@@ -120,6 +120,38 @@ def test_without_affine(backend, device, channels_last):
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_silu_across_its_range(backend, device, channels_last):
+    # weight 0 makes u = bias exactly, so y = silu(bias[c]) and dbias[c] = sum(dy) * silu'(bias[c]):
+    # the kernels' own SiLU and its derivative, from the saturated tails (and the exponential's clamp
+    # near u = -87) through 0, against float64: within 1e-6 relative for |u| <= 16; beyond, where
+    # |silu| < 2e-6, the CPU kernel's float32 t = u log2(e) carries up to 2^-18 |t| of rounding into
+    # exp (README: CPU SiLU), so 5e-6.
+    require_backend(backend, device)
+    u = torch.cat([torch.linspace(-100.0, 100.0, 41), torch.tensor([0.0, 1e-30, -1e-30, -3e-4, 5e-3, -0.7,
+                                                                  0.7, -20.5, -87.0, -87.5, -88.5, 87.5])])
+    x = torch.randn(2, u.numel(), 3, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(u.numel(), requires_grad=True)
+    b = u.clone().requires_grad_()
+    dy = torch.rand(x.shape) + 0.5
+    with genkern.use_backend(backend):
+        y = genkern.group_norm_silu(x.to(device), 1, w.to(device), b.to(device))
+        y.backward(dy.to(device))
+    ud = u.double().requires_grad_()
+    ref = F.silu(ud)
+    ref.backward(torch.ones_like(ud))
+    y_c = y.detach().double().cpu().mean((0, 2, 3))  # every element of a channel is silu(u[c])
+    rtol = torch.where(u.abs() <= 16, 1e-6, 5e-6).double()
+    err = (y_c - ref.detach()).abs()
+    assert (err <= rtol * ref.detach().abs() + 1e-30).all(), (err / ref.detach().abs()).max()
+    db_ref = ud.grad * dy.double().sum((0, 2, 3))
+    err = (b.grad.double() - db_ref).abs()
+    assert (err <= (rtol + 2e-6) * db_ref.abs() + 1e-30).all(), (err / db_ref.abs()).max()
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_large_mean_small_variance(backend, device):
     # mean 1000, std 1e-2: E[x^2] - E[x]^2 would cancel completely in float32
     require_backend(backend, device)
