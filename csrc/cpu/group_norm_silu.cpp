@@ -23,7 +23,7 @@ namespace {
 constexpr int64_t kFlush = 4096;     // fp32 partial sums of a row cover at most this many elements
 constexpr int64_t kFlushRows = 256;  // ... and of channels-last rows at most this many pixels
 constexpr int64_t kMinTask = 4096;   // smallest slice worth a task of its own when splitting
-constexpr int64_t kActPart = 256;    // values per two-pass SiLU step (affine_act)
+constexpr int64_t kActPart = 256;    // values per chunk of the two-pass SiLU (silu_two_pass)
 
 // ---------------------------------------------------------------------------------------------
 // Inner loops over one contiguous row. P is Broadcast (NCHW) or PerLane (channels-last).
@@ -137,9 +137,10 @@ struct Prefetch {
   }
 };
 
-// SiLU over a row in two passes per kActPart values: xc = x - mu and e = exp(-|u|) into L1 buffers, then finish(k, xc_a, xc_b, e_a, e_b) for the 2 kVec values at k. Two loops have
-// 1.25x the throughput of one carrying the whole ~50-cycle chain per vector, which keeps too few
-// vectors in flight (vec.h: exp2_neg_abs). Covers whole kStep steps; returns where it stopped.
+// SiLU over a row in two passes per kActPart values: xc = x - mu and e = exp(-|u|) into L1 buffers,
+// then finish(k, xc_a, xc_b, e_a, e_b) for the 2 kVec values at k. Two loops have 1.25x the
+// throughput of one carrying the whole ~50-cycle chain per vector, which keeps too few vectors in
+// flight (vec.h: exp2_neg_abs). Covers whole kStep steps; returns where it stopped.
 template <typename T, typename P, typename Finish>
 inline int64_t silu_two_pass(const T* x, int64_t n, const Affine<P>& f, Prefetch<T> pf, const Finish& finish) {
   alignas(64) float xcb[kActPart], eb[kActPart];
@@ -404,9 +405,10 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean,
       rstd[n * s.G + g] = r;
       for (int64_t c = g * s.D; c < (g + 1) * s.D; ++c) f.set(c, mu, r * w[c], b[c]);
     }
+    const Affine<PerLane> lanes = f.lanes();
     maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
       for (int64_t p = b0 * pb.size; p < std::min(HW, b1 * pb.size); ++p)
-        affine_act<T, A>(xn + p * C, yn + p * C, C, f.lanes(),
+        affine_act<T, A>(xn + p * C, yn + p * C, C, lanes,
                          next >= 0 ? Prefetch<T>{x + (next * HW + p) * C} : Prefetch<T>{});
     });
   });
@@ -501,13 +503,14 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
       const int64_t ng = n * s.G + c / s.D;
       f.set(c, mean[ng], rstd[ng] * w[c], b[c]);
     }
+    const Affine<PerLane> lanes = f.lanes();
     std::vector<float> k(3 * C);  // the dx coefficients k1..k3 per channel
     float *k1 = k.data(), *k2 = k1 + C, *k3 = k2 + C;
     const PixelBlocks pb(split, HW, C);
     std::unique_ptr<float[]> du(new float[HW * C]);  // this sample's du
     const std::vector<double> part = channel_block_sums(split, pb, HW, C, [&](int64_t p, int64_t q, float* a1, float* a2) {
       for (; p < q; ++p)
-        grad_sums<T, A>(x + base + p * C, dy + base + p * C, C, f.lanes(), du.get() + p * C, a1, a2, true);
+        grad_sums<T, A>(x + base + p * C, dy + base + p * C, C, lanes, du.get() + p * C, a1, a2, true);
     });
     for (int64_t blk = 0; blk < pb.count; ++blk)
       for (int64_t c = 0; c < C; ++c)
@@ -518,7 +521,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
     maybe_parallel(split, pb.count, [&](int64_t b0, int64_t b1) {
       for (int64_t p = b0 * pb.size; p < std::min(HW, b1 * pb.size); ++p) {
         const int64_t off = base + p * C;
-        grad_apply<T>(x + off, du.get() + p * C, dx + off, C, f.lanes().mu, PerLane{k1}, PerLane{k2}, PerLane{k3});
+        grad_apply<T>(x + off, du.get() + p * C, dx + off, C, lanes.mu, PerLane{k1}, PerLane{k2}, PerLane{k3});
       }
     });
   });

@@ -182,8 +182,6 @@ inline Vec silu_from_exp(const Vec& u, const Vec& e) {
 #endif
 }
 
-inline Vec sigmoid(const Vec& u) { return sigmoid_from_exp(u, exp_neg_abs(u)); }
-
 template <Activation A>
 struct ActVec;
 
