@@ -101,6 +101,8 @@ inline void stream_fence() {
 
 // Asks for the cache line holding p (into L1) without waiting for it.
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+// ... to be written: the line arrives owned, so that a store to it does not wait (prefetchw).
+inline void prefetch_for_write(void* p) { __builtin_prefetch(p, 1, 3); }
 
 inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
