@@ -36,8 +36,10 @@ def call_op(op, *args):
     autograd.Function (register_autograd above). Under torch.compile the call is left to the compiler."""
     if torch.compiler.is_compiling():
         return op(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        fast = _EAGER_AUTOGRAD.get(op)
-        return fast(*args) if fast is not None else op(*args)
+    if torch.is_grad_enabled():
+        for a in args:  # a loop, not any(generator): this runs on every call (~2 us -> ~0.5 us)
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                fast = _EAGER_AUTOGRAD.get(op)
+                return fast(*args) if fast is not None else op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

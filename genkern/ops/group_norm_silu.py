@@ -22,7 +22,6 @@ from ._double_backward import differentiable_backward
 
 _ACTIVATIONS = ("silu", "gelu", "none")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_AUTOCAST_FP32_DEVICES = ("cuda",)
 
 
 def _activation_name(activation) -> str:
@@ -78,7 +77,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     """
     act = _activation_name(activation)
     _check_args(x, num_groups, weight, bias, eps)
-    if x.device.type in _AUTOCAST_FP32_DEVICES and torch.is_autocast_enabled(x.device.type):
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
         # group_norm is on CUDA autocast's float32 list (on CPU autocast leaves it alone); so is this op.
         x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
     backend = _backend.select(x.device.type)
