@@ -37,7 +37,7 @@ def call_op(op, *args):
     if torch.compiler.is_compiling():
         return op(*args)
     if torch.is_grad_enabled():
-        for a in args:  # a loop, not any(generator): this runs on every call (~2 us -> ~0.5 us)
+        for a in args:  # a loop, not any(generator): this runs on every call (~2.0 -> ~1.4 us)
             if isinstance(a, torch.Tensor) and a.requires_grad:
                 fast = _EAGER_AUTOGRAD.get(op)
                 return fast(*args) if fast is not None else op(*args)
