@@ -14,12 +14,12 @@ import math
 # op, pass, minimum speedup over eager, why it is missed when it is (CPU: the 2-core AVX2 EPYC of CI)
 CPU_VS_EAGER = [
     ("group_norm_silu", "fwd", 2.0,
-     "compute-bound on the float32 SiLU: ~12 cycles per 8 values on this core (~72% of the forward; the "
+     "compute-bound on the float32 SiLU: ~10 cycles per 8 values on this core (~70% of the forward; the "
      "statistics pass ~12%), its exponential's dependency chain longer than the out-of-order window hides "
-     "(vec.h: exp2_neg_abs); eager's group_norm is already a fused two-pass kernel, so fusing saves a pass "
-     "and its memory traffic, not the arithmetic; 1.89-1.95x in four runs on 2026-11-23"),
+     "(vec.h: exp2_clamped); eager's group_norm is already a fused two-pass kernel, so fusing saves a pass "
+     "and its memory traffic, not the arithmetic"),
     ("group_norm_silu", "fwd+bwd", 1.5,
-     "the backward recomputes exp(-|u|) for SiLU' and reads x and dy twice; compute-bound as the forward"),
+     "the backward recomputes exp(-u) for SiLU' and reads x and dy twice; compute-bound as the forward"),
     ("ddpm_step", "fwd", 4.0,
      "Philox4x32-10 and Box-Muller are ~80% of the fused step (compute-bound); the ratio moves with the "
      "speed of eager's randn_like on the machine (3.3-5.5x over eight runs on 2026-11-23)"),

@@ -93,9 +93,25 @@ def current_backend() -> str | None:
     return _forced
 
 
+# select()'s answers by (forced backend, device type). Every op call asks, and the walk below costs ~5 us
+# when its code is cold (between two big kernels). Triton's answers are not kept: on CPU tensors they
+# depend on TRITON_INTERPRET, which is read each time; the other backends cannot come or go.
+_SELECTED: dict = {}
+
+
 @torch.compiler.assume_constant_result
 def select(device_type: str) -> str:
     """The backend to run for tensors on `device_type`; raises if a forced one cannot run there."""
+    key = (_forced, device_type)
+    name = _SELECTED.get(key)
+    if name is None:
+        name = _select(device_type)
+        if name != "triton":
+            _SELECTED[key] = name
+    return name
+
+
+def _select(device_type: str) -> str:
     if _forced is not None:
         why = unavailable_reason(_forced, device_type)
         if why is not None:
