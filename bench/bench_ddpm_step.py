@@ -14,7 +14,7 @@ import torch
 
 import genkern
 
-from bench.harness import compiled, pytest_benchmark_run
+from bench.harness import compiled, kernel_backends, on_backend, pytest_benchmark_run
 from genkern.ops.ddpm_step import bytes_moved
 
 OP = "ddpm_step"
@@ -52,17 +52,12 @@ def compiled_eager(device: str):
     return compiled(eager, device)
 
 
-def genkern_fn(backend, noise_tensor=False):
+def fused_fn(noise_tensor=False):
     def fn(m, x, cfg):
         z = torch.randn_like(x) if noise_tensor else None
-        with genkern.use_backend(backend):
-            return genkern.ddpm_step(m, x, A_T, A_PREV, clip_sample_range=1.0, guidance_scale=W if cfg else None,
-                                     noise=z, seed=None if noise_tensor else 1234, offset=500)
+        return genkern.ddpm_step(m, x, A_T, A_PREV, clip_sample_range=1.0, guidance_scale=W if cfg else None,
+                                 noise=z, seed=None if noise_tensor else 1234, offset=500)
     return fn
-
-
-def kernel_backends(device: str) -> list[str]:
-    return [b for b in genkern.backends(device) if b != "reference" and not (b == "triton" and device == "cpu")]
 
 
 def implementations(device: str, with_compile: bool = True) -> dict:
@@ -70,8 +65,8 @@ def implementations(device: str, with_compile: bool = True) -> dict:
     if with_compile:
         impls["torch.compile"] = compiled_eager(device)
     for be in kernel_backends(device):
-        impls[f"genkern[{be}]"] = genkern_fn(be)
-        impls[f"genkern[{be}]+randn"] = genkern_fn(be, noise_tensor=True)
+        impls[f"genkern[{be}]"] = on_backend(be, device, fused_fn())
+        impls[f"genkern[{be}]+randn"] = on_backend(be, device, fused_fn(noise_tensor=True))
     return impls
 
 

@@ -12,7 +12,7 @@ import torch
 
 import genkern
 
-from bench.harness import compiled, pytest_benchmark_run
+from bench.harness import compiled, kernel_backends, on_backend, pytest_benchmark_run
 from models.layers import eager_minibatch_stddev, eager_pixel_norm
 from genkern.ops.gradient_penalty import bytes_moved as gp_bytes
 from genkern.ops.minibatch_stddev import bytes_moved as mb_bytes
@@ -23,19 +23,12 @@ def eager_penalty(g):
     return 10.0 * ((g.reshape(g.shape[0], -1).norm(2, dim=1) - 1.0) ** 2).mean()
 
 
-def _kernel_backends(device):
-    return [b for b in genkern.backends(device) if b != "reference" and not (b == "triton" and device == "cpu")]
-
-
 def _impls(eager, fused, device, with_compile):
     impls = {"eager": eager}
     if with_compile:
         impls["torch.compile"] = _compiled(eager, device)
-    for be in _kernel_backends(device):
-        def fn(*a, be=be):
-            with genkern.use_backend(be):
-                return fused(*a)
-        impls[f"genkern[{be}]"] = fn
+    for be in kernel_backends(device):
+        impls[f"genkern[{be}]"] = on_backend(be, device, fused)
     return impls
 
 

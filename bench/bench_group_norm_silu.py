@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import genkern
 
-from bench.harness import compiled, pytest_benchmark_run
+from bench.harness import compiled, kernel_backends, on_backend, pytest_benchmark_run
 from genkern.ops.group_norm_silu import bytes_moved
 
 OP = "group_norm_silu"
@@ -28,11 +28,6 @@ GPU = [((32, 512, 64, 64), 32, (False, True), (torch.float32, torch.bfloat16)),
        ((16, 256, 16, 16), 32, (False,), (torch.float32,))]
 
 
-def kernel_backends(device: str) -> list[str]:
-    """genkern backends worth timing on this device (the Triton interpreter is not)."""
-    return [b for b in genkern.backends(device) if b != "reference" and not (b == "triton" and device == "cpu")]
-
-
 def eager(x, G, w, b):
     return F.silu(F.group_norm(x, G, w, b))
 
@@ -42,11 +37,8 @@ def compiled_eager(device: str):
     return compiled(eager, device)
 
 
-def genkern_fn(backend):
-    def fn(x, G, w, b):
-        with genkern.use_backend(backend):
-            return genkern.group_norm_silu(x, G, w, b)
-    return fn
+def fused(x, G, w, b):
+    return genkern.group_norm_silu(x, G, w, b)
 
 
 def implementations(device: str, with_compile: bool = True) -> dict:
@@ -54,7 +46,7 @@ def implementations(device: str, with_compile: bool = True) -> dict:
     if with_compile:
         impls["torch.compile"] = compiled_eager(device)
     for be in kernel_backends(device):
-        impls[f"genkern[{be}]"] = genkern_fn(be)
+        impls[f"genkern[{be}]"] = on_backend(be, device, fused)
     return impls
 
 

@@ -97,6 +97,26 @@ def compiled(fn: Callable, device: str) -> Callable:
     return torch.compile(fn, dynamic=False, mode=mode)
 
 
+def kernel_backends(device: str) -> list[str]:
+    """The genkern backends worth timing on `device`, fastest first (not the reference, nor the Triton
+    interpreter on CPU)."""
+    import genkern
+    return [b for b in genkern.backends(device) if b != "reference" and not (b == "triton" and device == "cpu")]
+
+
+def on_backend(backend: str, device: str, fn: Callable) -> Callable:
+    """fn with genkern's `backend` forced. The device's default backend is called as a user calls it, with
+    nothing forced: `use_backend` costs a few microseconds per call that no other contender pays."""
+    import genkern
+    if backend == kernel_backends(device)[0] and genkern.current_backend() is None:
+        return fn
+
+    def forced(*args):
+        with genkern.use_backend(backend):
+            return fn(*args)
+    return forced
+
+
 def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
