@@ -14,10 +14,10 @@ import math
 # op, pass, minimum speedup over eager, why it is missed when it is (CPU: the 2-core AVX2 EPYC of CI)
 CPU_VS_EAGER = [
     ("group_norm_silu", "fwd", 2.0,
-     "compute-bound on the float32 SiLU: ~10 cycles per 8 values on this core (~80% of the kernel's time; the "
-     "statistics pass and the row loop the rest), its exponential's dependency chain longer than the out-of-order window hides "
-     "(vec.h: exp2_clamped); eager's group_norm is already a fused two-pass kernel, so fusing saves a pass "
-     "and its memory traffic, not the arithmetic"),
+     "compute-bound on the float32 SiLU: ~10 cycles per 8 values on this core (~80% of the kernel's time; "
+     "the statistics pass and the row loop the rest), its exponential's dependency chain longer than the "
+     "out-of-order window hides (vec.h: exp2_clamped); eager's group_norm is already a fused two-pass "
+     "kernel, so fusing saves a pass and its memory traffic, not the arithmetic"),
     ("group_norm_silu", "fwd+bwd", 1.5,
      "the backward recomputes exp(-u) for SiLU' and reads x and dy twice; compute-bound as the forward"),
     ("ddpm_step", "fwd", 4.0,

@@ -124,8 +124,8 @@ def test_without_affine(backend, device, channels_last):
 def test_silu_across_its_range(backend, device, channels_last):
     # weight 0 makes u = bias exactly, so y = silu(bias[c]) and dbias[c] = sum(dy) * silu'(bias[c]):
     # the kernels' own SiLU and its derivative, from the saturated tails (and the exponential's clamp
-    # near u = -87) through 0, against float64: within 1e-6 relative for |u| <= 16; beyond, where
-    # |silu| < 2e-6, the CPU kernel's float32 t = u log2(e) carries up to 2^-18 |t| of rounding into
+    # at |u| ~ 87) through 0, against float64: within 1e-6 relative for |u| <= 16; beyond, where
+    # |silu| < 2e-6, the CPU kernel's float32 t = -u log2(e) carries up to 2^-18 |t| of rounding into
     # exp (README: CPU SiLU), so 5e-6.
     require_backend(backend, device)
     u = torch.cat([torch.linspace(-100.0, 100.0, 41), torch.tensor([0.0, 1e-30, -1e-30, -3e-4, 5e-3, -0.7,

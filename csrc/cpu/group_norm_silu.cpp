@@ -103,8 +103,8 @@ inline void shifted_sums_lanes(const T* x, int64_t rows, int64_t C, const float*
 }
 
 // The affine map of a row: u = (x - mu) a + b, and t = -u log2(e) = (x - mu) a2 + b2 with a2, b2 the
-// same times -log2(e), so that the argument of exp(-u) costs one FMA (vec.h: exp2_clamped). P: Broadcast (NCHW, one
-// channel per row) or PerLane (channels-last, a row runs over the channels).
+// same times -log2(e), so that the argument of exp(-u) costs one FMA (vec.h: exp2_clamped).
+// P: Broadcast (NCHW, one channel per row) or PerLane (channels-last, a row runs over the channels).
 template <typename P>
 struct Affine {
   P mu, a, b, a2, b2;
@@ -129,9 +129,10 @@ struct LaneAffine {
 };
 
 // Lines a loop asks the cache for while it computes on its own. r0, r1: read next (the x and dy of the
-// worker's next group, or channels-last sample, at the same offsets); w: written soon (the next group's
-// y; in the backward, this group's dx, which its light second pass writes). A store that misses L1 waits for its line, and the stores of a
-// light loop come in a burst that fills the store queue: prefetching them for writing took
+// worker's next group, or channels-last sample, at the same offsets); w: written soon (the next
+// group's y; in the backward, this group's dx, which its light second pass writes). A store that
+// misses L1 waits for its line, and the stores of a light loop come in a burst that fills the store
+// queue: prefetching them for writing took
 // 16x256x16x16 forward 0.50 -> 0.48 ms and forward+backward 1.51-1.56 -> 1.45-1.47 ms (2 threads, each
 // call right after an eager one, same-process A/B).
 template <typename T>
