@@ -5,14 +5,14 @@ from typing import Callable
 
 import torch
 
-# op overload packet -> Function.apply running the op with the formula given to register_autograd
+# op's .default overload -> Function.apply running the op with the formula given to register_autograd
 _EAGER_AUTOGRAD: dict = {}
 
 
 def register_autograd(op_name: str, backward: Callable, setup_context: Callable) -> None:
     """``torch.library.register_autograd(op_name, backward, setup_context=setup_context)``, which is what
     torch.compile, opcheck and direct ``torch.ops.genkern.*`` calls see, plus the same two functions as a
-    plain ``torch.autograd.Function`` that call_op uses in eager mode. register_autograd's wrapper costs
+    plain ``torch.autograd.Function`` that call_kernel uses in eager mode. register_autograd's wrapper costs
     ~60 us per forward+backward on the CPU here (schema default filling, keyset redispatch in Python):
     more than the kernels at small shapes, where eager PyTorch's C++ autograd costs a few us."""
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
@@ -27,19 +27,35 @@ def register_autograd(op_name: str, backward: Callable, setup_context: Callable)
 
     fn = type(f"{name}_eager_autograd", (torch.autograd.Function,),
               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-    _EAGER_AUTOGRAD[op] = _EAGER_AUTOGRAD[op.default] = fn.apply
+    _EAGER_AUTOGRAD[op.default] = fn.apply
 
 
-def call_op(op, *args):
-    """op(*args). When autograd has nothing to record (grad mode off, or no tensor argument requiring
-    grad) the op runs below the Autograd dispatch key; when it has, through the op's formula as a plain
-    autograd.Function (register_autograd above). Under torch.compile the call is left to the compiler."""
+# (name, triton?) -> the op's .default overload: calling the packet resolves the overload on every call,
+# and torch.ops' attribute walk costs a few us when its code is cold between two big kernels
+_KERNELS: dict = {}
+
+
+def kernel_op(name: str, backend: str):
+    """The registered op that runs `name` on `backend`: genkern::<name> (the C++ kernels, cpu and cuda)
+    or genkern::<name>_triton, as its .default overload."""
+    key = (name, backend == "triton")
+    op = _KERNELS.get(key)
+    if op is None:
+        op = _KERNELS[key] = getattr(torch.ops.genkern, name + "_triton" if key[1] else name).default
+    return op
+
+
+def call_kernel(name: str, backend: str, *args):
+    """kernel_op(name, backend)(*args). When autograd has nothing to record (grad mode off, or no tensor
+    argument requiring grad) the op runs below the Autograd dispatch key; when it has, through the op's
+    formula as a plain autograd.Function (register_autograd above). Under torch.compile the call is left
+    to the compiler."""
+    op = kernel_op(name, backend)
     if torch.compiler.is_compiling():
         return op(*args)
     # torch._C._any_requires_grad is the test register_autograd's own wrapper makes, in C++: a Python loop
     # over the arguments cost ~4 us here between two big kernels, with the interpreter's code cold
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-        fast = _EAGER_AUTOGRAD.get(op)
-        return fast(*args) if fast is not None else op(*args)
+        return _EAGER_AUTOGRAD[op](*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _backend, _extension
-from ._call import call_op, register_autograd
+from ._call import call_kernel, register_autograd
 from .._layout import elementwise_strides, to_strides
 from .. import reference as _reference
 
@@ -185,7 +185,8 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: fl
         raise ValueError("ddpm_step: mask and known must be given together")
     k = step_coefficients(alpha_prod_t, alpha_prod_t_prev, method=method, variance_type=variance_type,
                           eta=eta, last_step=last_step)
-    model_output = model_output.to(sample.dtype)
+    if model_output.dtype != sample.dtype:
+        model_output = model_output.to(sample.dtype)
     if noise is not None:
         noise = _prepare_like(noise, sample, "noise")
     if mask is not None:
@@ -206,8 +207,7 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: fl
     backend = _backend.select(sample.device.type)
     if backend == "reference" or sample.dtype not in _KERNEL_DTYPES:
         return _reference.ddpm_step(model_output, sample, *args)
-    op = torch.ops.genkern.ddpm_step_triton if backend == "triton" else torch.ops.genkern.ddpm_step
-    return call_op(op, model_output, sample, *args)
+    return call_kernel("ddpm_step", backend, model_output, sample, *args)
 
 
 def _as_int64(v: int) -> int:
@@ -245,8 +245,7 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, sqrt_alpha_pr
     backend = _backend.select(original_samples.device.type)
     if backend == "reference" or original_samples.dtype not in _KERNEL_DTYPES:
         return _reference.add_noise(original_samples, noise, *coefs)
-    op = torch.ops.genkern.add_noise_triton if backend == "triton" else torch.ops.genkern.add_noise
-    return call_op(op, original_samples, noise, *coefs)
+    return call_kernel("add_noise", backend, original_samples, noise, *coefs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import _backend, _extension
-from ._call import call_op, register_autograd
+from ._call import call_kernel, register_autograd
 from .. import reference as _reference
 from .._layout import elementwise_strides
 from ._double_backward import differentiable_backward
@@ -43,8 +43,7 @@ def gradient_norm_penalty(grad: torch.Tensor, weight: float = 10.0, target: Opti
     target = None if target is None else float(target)
     if backend == "reference" or grad.dtype not in _KERNEL_DTYPES:
         return _reference.gradient_penalty(grad, float(weight), target)
-    op = torch.ops.genkern.gradient_penalty_triton if backend == "triton" else torch.ops.genkern.gradient_penalty
-    return call_op(op, grad, float(weight), target)[0]
+    return call_kernel("gradient_penalty", backend, grad, float(weight), target)[0]
 
 
 def gradient_penalty(critic: Callable, real: torch.Tensor, fake: torch.Tensor, weight: float = 10.0,

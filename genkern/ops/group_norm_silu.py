@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, _extension
-from ._call import call_op, register_autograd
+from ._call import call_kernel, register_autograd
 from .._layout import is_channels_last_dense
 from .. import reference as _reference
 from ._double_backward import differentiable_backward
@@ -85,12 +85,11 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     if backend == "reference" or x.dtype not in _KERNEL_DTYPES:
         _check_args(x, num_groups, weight, bias, eps)
         return _reference.group_norm_silu(x, num_groups, weight, bias, eps, act)
-    op = _TRITON_FORWARD if backend == "triton" else _FORWARD
     # The kernel ops check every argument themselves, so the Python checks run only when a call fails,
     # to name the bad argument in plainer words: run on every call they cost ~20 us of a 0.4 ms
     # 16x256x16x16 forward, this code being cold in the instruction caches between two big kernels.
     try:
-        return call_op(op, x, weight, bias, num_groups, float(eps), act)[0]
+        return call_kernel("group_norm_silu", backend, x, weight, bias, num_groups, float(eps), act)[0]
     except (TypeError, ValueError, RuntimeError) as e:
         error = e
     _check_args(x, num_groups, weight, bias, eps)
@@ -183,11 +182,8 @@ def _group_norm_silu_triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weig
 
 
 _register("genkern::group_norm_silu_triton", "genkern::group_norm_silu_triton_backward")
-_TRITON_FORWARD = torch.ops.genkern.group_norm_silu_triton.default
-_FORWARD = None
 if _extension.LOADED:
     _register("genkern::group_norm_silu", "genkern::group_norm_silu_backward")
-    _FORWARD = torch.ops.genkern.group_norm_silu.default
 
 
 def bytes_moved(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .. import _backend, _extension
-from ._call import call_op, register_autograd
+from ._call import call_kernel, register_autograd
 from .. import reference as _reference
 from ._double_backward import differentiable_backward
 
@@ -48,8 +48,7 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1
     backend = _backend.select(x.device.type)
     if backend == "reference" or x.dtype not in _KERNEL_DTYPES:
         return _reference.minibatch_stddev(x, group_size, num_channels, eps)
-    op = torch.ops.genkern.minibatch_stddev_triton if backend == "triton" else torch.ops.genkern.minibatch_stddev
-    return call_op(op, x, group_size, num_channels, float(eps))
+    return call_kernel("minibatch_stddev", backend, x, group_size, num_channels, float(eps))
 
 
 def _format(x):

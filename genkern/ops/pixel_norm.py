@@ -12,7 +12,7 @@ import math
 import torch
 
 from .. import _backend, _extension
-from ._call import call_op, register_autograd
+from ._call import call_kernel, register_autograd
 from .. import reference as _reference
 from .._layout import is_channels_last_dense
 from ._double_backward import differentiable_backward
@@ -39,8 +39,7 @@ def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     backend = _backend.select(x.device.type)
     if backend == "reference" or x.dtype not in _KERNEL_DTYPES:
         return _reference.pixel_norm(x, eps)
-    op = torch.ops.genkern.pixel_norm_triton if backend == "triton" else torch.ops.genkern.pixel_norm
-    return call_op(op, x, float(eps))[0]
+    return call_kernel("pixel_norm", backend, x, float(eps))[0]
 
 
 def _empty_like_kernel(x):
