@@ -92,6 +92,15 @@ def test_noise_matches_reference_stream(backend, device, numel):
     assert_close(z, ref, torch.float32, f"noise {backend}", scale=1.0)
 
 
+@pytest.mark.parametrize("start", [1, 2, 3, 4, 4098])
+def test_reference_stream_slice(start):
+    """philox_normal(start=s) is elements s, s + 1, ... of the whole stream, whatever s's alignment to
+    Philox's groups of 4 and Box-Muller's pairs (tests of large tensors check a slice this way)."""
+    whole = philox_normal((start + 37,), 99, 5, dtype=torch.float64)
+    part = philox_normal((37,), 99, 5, dtype=torch.float64, start=start)
+    assert torch.equal(part, whole[start:])
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_noise_follows_memory_order(backend, device):
     """Like torch.randn_like: the stream fills memory in order, so channels_last gets its own layout."""

@@ -44,27 +44,32 @@ def philox4x32_10(c: list[torch.Tensor], key: tuple[int, int]) -> list[torch.Ten
     return [c0, c1, c2, c3]
 
 
-def philox_uniform(numel: int, seed: int, offset: int, device=None) -> torch.Tensor:
-    """The float32 uniforms u_0 .. u_{numel-1} of the stream (seed, offset), in element order."""
+def philox_uniform(numel: int, seed: int, offset: int, device=None, start: int = 0) -> torch.Tensor:
+    """The float32 uniforms u_start .. u_{start+numel-1} of the stream (seed, offset), in element order."""
     seed, offset = seed & (2**64 - 1), offset & (2**64 - 1)
-    g = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    g = torch.arange(start // 4, (start + numel + 3) // 4, dtype=torch.int64, device=device)
     counters = [g & _MASK32, g >> 32, torch.full_like(g, offset & _MASK32), torch.full_like(g, offset >> 32)]
-    r = torch.stack(philox4x32_10(counters, (seed & _MASK32, seed >> 32)), dim=1).reshape(-1)[:numel]
+    r = torch.stack(philox4x32_10(counters, (seed & _MASK32, seed >> 32)), dim=1).reshape(-1)
+    r = r[start % 4:start % 4 + numel]
     return (r >> 9).to(torch.float32) * 2.0**-23 + 2.0**-24
 
 
 def philox_normal(shape, seed: int, offset: int = 0, *, dtype=torch.float32, device=None,
-                  strides=None) -> torch.Tensor:
+                  strides=None, start: int = 0) -> torch.Tensor:
     """Standard normals of the stream (seed, offset) as a tensor of `shape` (and dense `strides`,
-    default contiguous) whose memory, in order, holds elements 0, 1, 2, ... of the stream: a
-    channels_last result differs from an NCHW one element-wise, exactly as with torch.randn_like.
+    default contiguous) whose memory, in order, holds elements start, start + 1, ... of the stream
+    (start > 0: a slice of a larger tensor's noise, e.g. its last sample): a channels_last result
+    differs from an NCHW one element-wise, exactly as with torch.randn_like.
     Box-Muller runs in float64, then rounds to dtype."""
     shape = tuple(shape)
     numel = math.prod(shape)
-    u = philox_uniform(numel + (-numel) % 2, seed, offset, device).double().reshape(-1, 2)
+    first = start - start % 2  # Box-Muller pairs elements (2k, 2k + 1)
+    count = numel + start - first
+    u = philox_uniform(count + count % 2, seed, offset, device, start=first).double().reshape(-1, 2)
     radius = torch.sqrt(-2.0 * torch.log(u[:, 0]))
     theta = 2.0 * math.pi * u[:, 1]
-    z = torch.stack((radius * torch.cos(theta), radius * torch.sin(theta)), dim=1).reshape(-1)[:numel]
+    z = torch.stack((radius * torch.cos(theta), radius * torch.sin(theta)), dim=1).reshape(-1)
+    z = z[start - first:start - first + numel]
     out = (torch.empty(shape, dtype=dtype, device=device) if strides is None
            else torch.empty_strided(shape, strides, dtype=dtype, device=device))
     # Fill memory in order, whatever the strides: write through the dense permutation of out.
