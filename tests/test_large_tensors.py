@@ -1,7 +1,8 @@
 """Tensors of more than 2^31 elements: every kernel indexes with 64-bit offsets.
 
-One bfloat16 x of shape [2049, 16, 256, 256] (2^31 + 2^20 elements, 4.3 GB) is shared by the tests. Its
-first and last samples differ from the others, so an offset computed in 32 bits, which wraps at element
+Each test builds a bfloat16 x of shape [2049, 16, 256, 256] (2^31 + 2^20 elements, 4.3 GB), NCHW or
+channels-last where the kernels have a path of their own for it. Its first and last samples differ
+from the others, so an offset computed in 32 bits, which wraps at element
 2^31 (the last sample starts there) or at byte 2^31, would read or write the wrong sample and show. Each
 test checks the first and the last sample against the float64 reference run on those samples alone, and
 the reductions over the whole batch against the reference's per-sample values. Backward passes take x
@@ -9,6 +10,10 @@ itself as their incoming gradient, so that no test holds more than three tensors
 
 Triton on CPU is not in the list: the interpreter runs each program in Python, hours at this size.
 """
+import fcntl
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -39,28 +44,26 @@ def _free_gb(device: str) -> float:
     return int(info["MemAvailable"].split()[0]) / 2**20
 
 
-_X: dict = {}
+@pytest.fixture
+def big_input():
+    """make(device) -> x: samples 1 .. N-2 equal, samples 0 and N-1 each their own. One test of this
+    module at a time on the machine, even under pytest-xdist (gpu_check.sh): each holds up to three
+    tensors of this size, and the lock is taken before the memory is looked at."""
+    with open(os.path.join(tempfile.gettempdir(), "genkern-large-tensors.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _free_inputs():
-    yield
-    _X.clear()  # before the rest of the suite runs
-
-
-def _big_input(device: str) -> torch.Tensor:
-    """x on `device`: samples 1 .. N-2 equal, samples 0 and N-1 each their own (built once per device)."""
-    if device not in _X:
-        need = 3.2 * GB
-        if _free_gb(device) < need:
-            pytest.skip(f"needs {need:.0f} GB of free {device} memory for three {GB:.1f} GB tensors")
-        g = torch.Generator().manual_seed(0)
-        x = torch.empty((N, C, H, W), dtype=DT, device=device)
-        x.copy_((torch.randn((C, H, W), generator=g) * 0.7 - 1.1).to(DT).expand(N, C, H, W))
-        x[0] = (torch.randn((C, H, W), generator=g) + 2.0).to(DT)
-        x[-1] = (torch.randn((C, H, W), generator=g) * 1.5 + 0.4).to(DT)
-        _X[device] = x
-    return _X[device]
+        def make(device: str, channels_last: bool = False) -> torch.Tensor:
+            need = 3.2 * GB
+            if _free_gb(device) < need:
+                pytest.skip(f"needs {need:.0f} GB of free {device} memory for three {GB:.1f} GB tensors")
+            g = torch.Generator().manual_seed(0)
+            x = torch.empty((N, C, H, W), dtype=DT, device=device,
+                            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            x.copy_((torch.randn((C, H, W), generator=g) * 0.7 - 1.1).to(DT).expand(N, C, H, W))
+            x[0] = (torch.randn((C, H, W), generator=g) + 2.0).to(DT)
+            x[-1] = (torch.randn((C, H, W), generator=g) * 1.5 + 0.4).to(DT)
+            return x
+        yield make
 
 
 # the samples each test checks: the first (its own data), one of the equal middle ones, the last
@@ -71,10 +74,11 @@ def _f64(x, i):
     return x[i:i + 1].double().cpu()
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_pixel_norm(backend, device):
+def test_pixel_norm(backend, device, channels_last, big_input):
     require_backend(backend, device)
-    x = _big_input(device)
+    x = big_input(device, channels_last)
     y, rstd = kernel_op("pixel_norm", backend)(x, 1e-8)
     for i in CHECK:
         assert_close(y[i:i + 1], R.pixel_norm(_f64(x, i)), DT, f"pixel_norm y[{i}]")
@@ -86,10 +90,11 @@ def test_pixel_norm(backend, device):
         assert_close(dx[i:i + 1], want, DT, f"pixel_norm dx[{i}]")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_group_norm_silu(backend, device):
+def test_group_norm_silu(backend, device, channels_last, big_input):
     require_backend(backend, device)
-    x = _big_input(device)
+    x = big_input(device, channels_last)
     G = 4
     w = torch.linspace(0.5, 1.5, C, device=device)
     b = torch.linspace(-0.3, 0.3, C, device=device)
@@ -113,10 +118,11 @@ def test_group_norm_silu(backend, device):
         assert_close(got, want, torch.float32, ("dw", "db")[k - 1], scale=1e-3 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_minibatch_stddev(backend, device):
+def test_minibatch_stddev(backend, device, channels_last, big_input):
     require_backend(backend, device)
-    x = _big_input(device)
+    x = big_input(device, channels_last)
     out = kernel_op("minibatch_stddev", backend)(x, 3, 1, 1e-8)
     assert torch.equal(out[-1, :C], x[-1]) and torch.equal(out[0, :C], x[0])
     M = N // 3
@@ -133,10 +139,10 @@ def test_minibatch_stddev(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_ddpm_step_in_kernel_noise(backend, device):
+def test_ddpm_step_in_kernel_noise(backend, device, big_input):
     """The noise of element i is Philox element i: the last sample's comes from past element 2^31."""
     require_backend(backend, device)
-    x = _big_input(device)
+    x = big_input(device)
     k = step_coefficients(0.5, 0.55)
     args = ("epsilon", k.sqrt_alpha_prod, k.sqrt_one_minus_alpha_prod, 1.0, False, k.coef_x0, k.coef_eps,
             k.coef_sample, k.sigma, k.known_coef, k.known_noise_coef, None)
@@ -149,9 +155,9 @@ def test_ddpm_step_in_kernel_noise(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_gradient_penalty(backend, device):
+def test_gradient_penalty(backend, device, big_input):
     require_backend(backend, device)
-    x = _big_input(device)
+    x = big_input(device)
     weight, target = 10.0, 1.0
     loss, norms = kernel_op("gradient_penalty", backend)(x, weight, target)
     ref_norms = {i: _f64(x, i).norm().item() for i in CHECK}

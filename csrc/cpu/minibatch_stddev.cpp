@@ -3,6 +3,7 @@
 // G samples of the column, accumulates sqrt(var + eps) and writes the G rows of out as it goes.
 // Channels-last: a task owns a range of pixels of one column, vectorised along the channels.
 // The per-task sums are reduced in double; the F statistic channels are filled afterwards (N F H W values).
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -141,7 +142,8 @@ at::Tensor minibatch_stddev(const at::Tensor& x_in, int64_t group_size, int64_t 
         }
       });
       for (int64_t t = 0; t < s.M * chunks; ++t)
-        for (int64_t ch = 0; ch < s.C; ++ch) stat_sum[(t / chunks) * s.F + ch / s.c] += sums[t * s.C + ch];
+        for (int64_t f = 0; f < s.F; ++f)
+          for (int64_t j = 0; j < s.c; ++j) stat_sum[(t / chunks) * s.F + f] += sums[(t * s.F + f) * s.c + j];
     }
   });
   // the F statistic channels: N F P values written here (ATen's repeat/expand/copy would cost more)
@@ -208,6 +210,7 @@ at::Tensor minibatch_stddev_backward(const at::Tensor& grad_out, const at::Tenso
     const int64_t outer = s.channels_last ? s.P : s.C, inner = s.channels_last ? s.C : s.P;
     at::parallel_for(0, s.M * outer, std::max<int64_t>(1, 8192 / (inner * s.G)), [&](int64_t t0, int64_t t1) {
       std::vector<float> k(s.channels_last ? s.C : 0);
+      int64_t k_of = -1;  // the column k holds: a task's rows mostly share one
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t m = t / outer, o = t % outer;
         // x / dout / dx offsets of sample i's row
@@ -217,7 +220,10 @@ at::Tensor minibatch_stddev_backward(const at::Tensor& grad_out, const at::Tenso
         auto g_at = [&](int64_t g) { return pg + go(g * s.M + m); };
         auto d_at = [&](int64_t g) { return pd + xo(g * s.M + m); };
         if (s.channels_last) {
-          for (int64_t ch = 0; ch < s.C; ++ch) k[ch] = pk[m * s.F + ch / s.c];
+          if (m != k_of) {
+            for (int64_t f = 0; f < s.F; ++f) std::fill_n(k.begin() + f * s.c, s.c, pk[m * s.F + f]);
+            k_of = m;
+          }
           grad_row<scalar_t>(x_at, g_at, d_at, inner, s.G, PerLane{k.data()}, e);
         } else {
           grad_row<scalar_t>(x_at, g_at, d_at, inner, s.G, Broadcast{pk[m * s.F + o / s.c]}, e);
