@@ -45,17 +45,25 @@ def kernel_op(name: str, backend: str):
     return op
 
 
+# Looked up once: between two big kernels this code runs cold, and each attribute walk through torch.*
+# costs ~1-2 us there (the guard's class alone ~5 us).
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_any_requires_grad = torch._C._any_requires_grad
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+
+
 def call_kernel(name: str, backend: str, *args):
     """kernel_op(name, backend)(*args). When autograd has nothing to record (grad mode off, or no tensor
     argument requiring grad) the op runs below the Autograd dispatch key; when it has, through the op's
     formula as a plain autograd.Function (register_autograd above). Under torch.compile the call is left
     to the compiler."""
     op = kernel_op(name, backend)
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return op(*args)
-    # torch._C._any_requires_grad is the test register_autograd's own wrapper makes, in C++: a Python loop
-    # over the arguments cost ~4 us here between two big kernels, with the interpreter's code cold
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+    # _any_requires_grad is the test register_autograd's own wrapper makes, in C++: a Python loop over the
+    # arguments cost ~4 us here
+    if _grad_enabled() and _any_requires_grad(*args):
         return _EAGER_AUTOGRAD[op](*args)
-    with torch._C._AutoDispatchBelowAutograd():
+    with _BelowAutograd():
         return op(*args)

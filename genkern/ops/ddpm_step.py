@@ -204,7 +204,7 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: fl
     args = (noise, mask, known, prediction_type, k.sqrt_alpha_prod, k.sqrt_one_minus_alpha_prod, clip,
             bool(use_clipped_model_output), k.coef_x0, k.coef_eps, k.coef_sample, k.sigma, k.known_coef,
             k.known_noise_coef, guidance_scale, seed, _as_int64(offset))
-    backend = _backend.select(sample.device.type)
+    backend = _backend.select_for(sample)
     if backend == "reference" or sample.dtype not in _KERNEL_DTYPES:
         return _reference.ddpm_step(model_output, sample, *args)
     return call_kernel("ddpm_step", backend, model_output, sample, *args)
@@ -242,7 +242,7 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, sqrt_alpha_pr
                              f"got shape {tuple(c.shape)}")
         coefs.append(c.contiguous())
     noise = noise.to(original_samples.dtype)
-    backend = _backend.select(original_samples.device.type)
+    backend = _backend.select_for(original_samples)
     if backend == "reference" or original_samples.dtype not in _KERNEL_DTYPES:
         return _reference.add_noise(original_samples, noise, *coefs)
     return call_kernel("add_noise", backend, original_samples, noise, *coefs)

@@ -39,7 +39,7 @@ def gradient_norm_penalty(grad: torch.Tensor, weight: float = 10.0, target: Opti
     ``weight * mean_i ||g_i||_2**2`` (R1, Mescheder et al. 2018, with weight = gamma / 2), fused: g is
     read once forward and once backward. Returns a 0-d float32 tensor (float64 for float64 grad)."""
     _check(grad, weight, target)
-    backend = _backend.select(grad.device.type)
+    backend = _backend.select_for(grad)
     target = None if target is None else float(target)
     if backend == "reference" or grad.dtype not in _KERNEL_DTYPES:
         return _reference.gradient_penalty(grad, float(weight), target)

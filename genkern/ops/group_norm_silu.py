@@ -81,7 +81,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         # group_norm is on CUDA autocast's float32 list (on CPU autocast leaves it alone); so is this op.
         x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
-    backend = _backend.select(x.device.type)
+    backend = _backend.select_for(x)
     if backend == "reference" or x.dtype not in _KERNEL_DTYPES:
         _check_args(x, num_groups, weight, bias, eps)
         return _reference.group_norm_silu(x, num_groups, weight, bias, eps, act)

@@ -45,7 +45,7 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1
     inside the sqrt; sample i in the group of i % (N/G), as x.reshape(G, -1, ...) groups them).
     N must divide by G and C by num_channels. Differentiable twice."""
     _check(x, group_size, num_channels, eps)
-    backend = _backend.select(x.device.type)
+    backend = _backend.select_for(x)
     if backend == "reference" or x.dtype not in _KERNEL_DTYPES:
         return _reference.minibatch_stddev(x, group_size, num_channels, eps)
     return call_kernel("minibatch_stddev", backend, x, group_size, num_channels, float(eps))

@@ -36,7 +36,7 @@ def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     fp32/fp16/bf16 (float32 maths), NCHW or channels_last (kept); float64 runs on the reference.
     Differentiable twice (gradient penalties)."""
     _check(x, eps)
-    backend = _backend.select(x.device.type)
+    backend = _backend.select_for(x)
     if backend == "reference" or x.dtype not in _KERNEL_DTYPES:
         return _reference.pixel_norm(x, eps)
     return call_kernel("pixel_norm", backend, x, float(eps))[0]
