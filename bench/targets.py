@@ -16,8 +16,9 @@ CPU_VS_EAGER = [
     ("group_norm_silu", "fwd", 2.0,
      "compute-bound on the float32 SiLU: ~10 cycles per 8 values on this core (~80% of the kernel's time; "
      "the statistics pass and the row loop the rest), its exponential's dependency chain longer than the "
-     "out-of-order window hides (vec.h: exp2_clamped); eager's group_norm is already a fused two-pass "
-     "kernel, so fusing saves a pass and its memory traffic, not the arithmetic"),
+     "out-of-order window hides (vec.h: exp2_clamped); channels-last also loads per-channel parameters "
+     "per vector and reads a whole sample, not an L1-sized group, in its second pass; eager's group_norm is "
+     "already a fused two-pass kernel, so fusing saves a pass and its memory traffic, not the arithmetic"),
     ("group_norm_silu", "fwd+bwd", 1.5,
      "the backward recomputes exp(-u) for SiLU' and reads x and dy twice; compute-bound as the forward"),
     ("ddpm_step", "fwd", 4.0,
@@ -26,8 +27,9 @@ CPU_VS_EAGER = [
     ("ddpm_step cfg", "fwd", 4.0,
      "as ddpm_step: the in-kernel noise is the cost"),
     ("pixel_norm", "fwd", 3.0,
-     "at or near copy bandwidth: eager's five passes partly hit the cache, so a kernel at copy speed is "
-     "~2.3-2.6x at 16x512x32x32; the 8x8 maps fit the L3 and both sides run at cache speed"),
+     "at or near copy bandwidth: the fastest read-once write-once pass this machine runs (a streaming-"
+     "store copy from cold caches) is 2.9x eager at 16x512x32x32, and a copy in the same loop as eager "
+     "~2.4x at 64x512x8x8, whose maps fit the L3 (eager's five passes partly hit the cache)"),
     ("minibatch_stddev", "fwd", 3.0,
      "one read of x and one write of the output, as a copy"),
     ("gradient_penalty", "fwd+bwd", 2.0,
