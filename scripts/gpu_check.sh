@@ -6,7 +6,9 @@
 # Knobs (environment):
 #   STAGES        which stages to run, in order (default "build tests bench"; also "e2e")
 #   BENCH_ARGS    extra arguments for `python -m bench` (e.g. --no-compile, --ops group_norm_silu)
-#   TEST_ARGS     extra arguments for pytest (e.g. -k cuda)
+#   TEST_ARGS     extra arguments for pytest (e.g. -k cuda); by default the CPU cases of
+#                 tests/test_large_tensors.py are left to CI (~65 s of page faults and CPU references
+#                 that would only repeat it here); TEST_ARGS replaces that default
 #   TEST_WORKERS  pytest-xdist workers when xdist is installed (default 8)
 #   TEST_TIMEOUT, BENCH_TIMEOUT  seconds per stage (default 300 each, so that build + tests + bench
 #                 stay under 10 minutes on an H100: build ~80 s, tests ~150-170 s with 8 xdist workers;
@@ -54,7 +56,8 @@ for stage in $STAGES; do
       $PY -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}")
       timeout=()
       $PY -c "import pytest_timeout" 2>/dev/null && timeout=(--timeout 300)
-      timeout ${TEST_TIMEOUT:-300} $PY -m pytest tests -q -ra -p no:cacheprovider "${xdist[@]}" "${timeout[@]}" ${TEST_ARGS:-} \
+      timeout ${TEST_TIMEOUT:-300} $PY -m pytest tests -q -ra -p no:cacheprovider "${xdist[@]}" "${timeout[@]}" \
+        ${TEST_ARGS:--k "not (test_large_tensors and cpu)"} \
         > "$out/tests.log" 2>&1 || status=1
       grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
       tail -3 "$out/tests.log"

@@ -59,9 +59,10 @@ def big_input():
             g = torch.Generator().manual_seed(0)
             x = torch.empty((N, C, H, W), dtype=DT, device=device,
                             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            x.copy_((torch.randn((C, H, W), generator=g) * 0.7 - 1.1).to(DT).expand(N, C, H, W))
-            x[0] = (torch.randn((C, H, W), generator=g) + 2.0).to(DT)
-            x[-1] = (torch.randn((C, H, W), generator=g) * 1.5 + 0.4).to(DT)
+            # drawn on the CPU (the same numbers everywhere), broadcast on the device
+            x.copy_((torch.randn((C, H, W), generator=g) * 0.7 - 1.1).to(device, DT).expand(N, C, H, W))
+            x[0] = (torch.randn((C, H, W), generator=g) + 2.0).to(device, DT)
+            x[-1] = (torch.randn((C, H, W), generator=g) * 1.5 + 0.4).to(device, DT)
             return x
         yield make
 
