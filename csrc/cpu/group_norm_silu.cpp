@@ -103,7 +103,8 @@ inline void shifted_sums_lanes(const T* x, int64_t rows, int64_t C, const float*
 }
 
 // The affine map of a row: u = (x - mu) a + b, and t = -u log2(e) = (x - mu) a2 + b2 with a2, b2 the
-// same times -log2(e), so that the argument of exp(-u) costs one FMA (vec.h: exp2_clamped).
+// same times -log2(e), so that the argument of exp(-u) costs one FMA (vec.h: exp2_clamped). Only the
+// backward reads a2, b2: the forward takes t from u, which it keeps (silu_two_pass).
 // P: Broadcast (NCHW, one channel per row) or PerLane (channels-last, a row runs over the channels).
 template <typename P>
 struct Affine {
@@ -153,16 +154,17 @@ struct Prefetch {
 // and 4% fewer with NCHW's broadcast ones; the op, in-process A/B: channels-last 16x128x32x32 4-6%,
 // NCHW 16x256x16x16 1.5% faster), else xc = x - mu (the backward, which needs xc as well).
 // Two loops have 1.25x the throughput of one carrying the whole ~50-cycle chain per vector, which
-// keeps too few vectors in flight (vec.h: exp2_clamped). The first loop is itself software-pipelined by one step: step j's
-// loads and range reduction are issued beside step j - 1's polynomial, whose inputs are then ready
-// instead of waiting in the scheduler (that loop alone 8.8 -> 7.6 cycles per 8 values).
+// keeps too few vectors in flight (vec.h: exp2_clamped). The first loop is itself software-pipelined
+// by one step: step j's loads and range reduction are issued beside step j - 1's polynomial, whose
+// inputs are then ready instead of waiting in the scheduler (that loop alone 8.8 -> 7.6 cycles per
+// 8 values).
 // Covers whole kStep steps; returns where it stopped. Always inlined: called, it sees finish's
 // captures as references that stores to y may alias and reloads parameters and pointers in every
 // iteration (16x256x16x16 forward 0.45-0.47 -> 0.41-0.42 ms).
 template <bool kKeepU, typename T, typename P, typename Finish>
 C10_ALWAYS_INLINE int64_t silu_two_pass(const T* x, int64_t n, const Affine<P>& f, Prefetch<T> pf, const Finish& finish) {
   constexpr int64_t S = VecIO<T>::kStep;
-  alignas(64) float vb_[kActPart], eb[kActPart];
+  alignas(64) float vbuf[kActPart], eb[kActPart];
   int64_t i = 0;
   while (i + S <= n) {
     const int64_t len = std::min(kActPart, (n - i) / S * S);
@@ -177,8 +179,8 @@ C10_ALWAYS_INLINE int64_t silu_two_pass(const T* x, int64_t n, const Affine<P>& 
         va = at::vec::fmadd(va, f.a.vec(i + j), f.b.vec(i + j));
         vb = at::vec::fmadd(vb, f.a.vec(i + j + kVec), f.b.vec(i + j + kVec));
       }
-      va.store(vb_ + j);
-      vb.store(vb_ + j + kVec);
+      va.store(vbuf + j);
+      vb.store(vbuf + j + kVec);
       if constexpr (kKeepU) {
         pa = exp2_reduce(va * Vec(-kLog2e));
         pb = exp2_reduce(vb * Vec(-kLog2e));
@@ -198,7 +200,7 @@ C10_ALWAYS_INLINE int64_t silu_two_pass(const T* x, int64_t n, const Affine<P>& 
     exp2_finish(pa).store(eb + j - S);
     exp2_finish(pb).store(eb + j - S + kVec);
     for (j = 0; j < len; j += S)
-      finish(i + j, Vec::loadu(vb_ + j), Vec::loadu(vb_ + j + kVec), Vec::loadu(eb + j), Vec::loadu(eb + j + kVec));
+      finish(i + j, Vec::loadu(vbuf + j), Vec::loadu(vbuf + j + kVec), Vec::loadu(eb + j), Vec::loadu(eb + j + kVec));
     i += len;
   }
   return i;
