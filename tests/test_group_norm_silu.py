@@ -9,13 +9,15 @@ from _util import DTYPES, KERNEL_BACKENDS, assert_close, make_input, require_bac
 ACTS = {"silu": F.silu, "gelu": F.gelu, "none": lambda u: u}
 
 # (shape, num_groups): U-Net-like, C not a multiple of the vector width, H*W = 1 with groups = C and
-# batch 1, one group over everything (3-D input), a 5-D input.
+# batch 1, one group over everything (3-D input), a 5-D input, and 65 small groups (the CPU hands
+# them out in runs of 4 on two threads: the last run is partial).
 SHAPES = [
     ((2, 64, 8, 8), 32),
     ((2, 6, 5, 7), 3),
     ((1, 10, 1, 1), 10),
     ((3, 12, 9), 1),
     ((2, 8, 3, 4, 5), 4),
+    ((5, 26, 3, 3), 13),
 ]
 
 

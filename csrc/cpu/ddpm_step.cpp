@@ -246,7 +246,7 @@ at::Tensor ddpm_step_cpu(const at::Tensor& model_output, const at::Tensor& sampl
     p.stream = stream_outputs((streams + 1) * n * call.sample.element_size());
     const auto& c = call.coefs;
     const int64_t blocks = (n + kBlock - 1) / kBlock;
-    parallel_blocks(blocks, 16, [&](int64_t b) {
+    parallel_blocks(blocks, 16, kBlock * call.sample.element_size(), [&](int64_t b) {
       alignas(64) float zbuf[kBlock];
       const int64_t begin = b * kBlock, end = std::min(n, begin + kBlock);
       if (call.philox) {

@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> gradient_penalty(const at::Tensor& grad_in, d
     const scalar_t* pg = g.const_data_ptr<scalar_t>();
     // small samples: several per task, so tiny gradients do not wake the other threads
     parallel_blocks(N * chunks, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, std::min(per, kChunk))),
-                    [&](int64_t t) {
+                    std::min(per, kChunk) * g.element_size(), [&](int64_t t) {
       const int64_t i = t / chunks, b = (t % chunks) * kChunk, e = std::min(per, b + kChunk);
       const scalar_t* p = pg + i * per;
       // four accumulators: with two the loop waits on the FMA latency, not on the loads

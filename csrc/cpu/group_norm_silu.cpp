@@ -321,13 +321,13 @@ inline void maybe_parallel(bool parallel, int64_t n, const Fn& fn) {
 }
 
 // Runs body(unit, split, next) for unit in [0, units): whole units per thread when there are enough
-// of them, else one unit at a time with `split` = true so that the body spreads it over the threads.
-// Whole units are handed out one at a time (parallel.h), so a worker that wakes late takes fewer;
-// `next` is the unit the same worker runs next (-1 if none or split), for prefetching.
+// of them (handed out in runs of consecutive units, parallel.h), else one unit at a time with
+// `split` = true so that the body spreads it over the threads. `next` is the unit the same worker
+// runs next (-1 if none or split), for prefetching. unit_bytes: the input one unit reads.
 template <typename Fn>
-inline void for_each_unit(int64_t units, const Fn& body) {
+inline void for_each_unit(int64_t units, int64_t unit_bytes, const Fn& body) {
   if (units >= at::get_num_threads()) {
-    parallel_blocks_ahead(units, [&](int64_t u, int64_t next) { body(u, false, next); });
+    parallel_blocks_ahead(units, unit_bytes, [&](int64_t u, int64_t next) { body(u, false, next); });
   } else {
     for (int64_t u = 0; u < units; ++u) body(u, true, int64_t{-1});
   }
@@ -354,7 +354,7 @@ template <typename T, Activation A>
 void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
                   const GroupNormShape& s, double eps) {
   const int64_t M = s.D * s.HW;
-  for_each_unit(s.N * s.G, [&](int64_t ng, bool split, int64_t next) {
+  for_each_unit(s.N * s.G, s.D * s.HW * sizeof(T), [&](int64_t ng, bool split, int64_t next) {
     const T* xg = x + ng * M;
     T* yg = y + ng * M;
     const int64_t g = ng % s.G;
@@ -426,7 +426,7 @@ template <typename T, Activation A>
 void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd,
                   const GroupNormShape& s, double eps) {
   const int64_t C = s.C, HW = s.HW;
-  for_each_unit(s.N, [&](int64_t n, bool split, int64_t next) {
+  for_each_unit(s.N, s.HW * s.C * sizeof(T), [&](int64_t n, bool split, int64_t next) {
     const T* xn = x + n * HW * C;
     T* yn = y + n * HW * C;
     std::vector<float> pivot(C);
@@ -501,7 +501,7 @@ template <typename T, Activation A>
 void backward_nchw(const T* dy, const T* x, const float* w, const float* b, const float* mean,
                    const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s) {
   const int64_t M = s.D * s.HW;
-  for_each_unit(s.N * s.G, [&](int64_t ng, bool split, int64_t next) {
+  for_each_unit(s.N * s.G, s.D * s.HW * sizeof(T), [&](int64_t ng, bool split, int64_t next) {
     const int64_t n = ng / s.G, g = ng % s.G, c0 = g * s.D, off0 = ng * M;
     const float mu = mean[ng], r = rstd[ng];
     const int64_t K = slices_per_row(split, s.D, s.HW), L = (s.HW + K - 1) / K;
@@ -542,7 +542,7 @@ template <typename T, Activation A>
 void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, const float* mean,
                    const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s) {
   const int64_t C = s.C, HW = s.HW;
-  for_each_unit(s.N, [&](int64_t n, bool split, int64_t) {
+  for_each_unit(s.N, s.HW * s.C * sizeof(T), [&](int64_t n, bool split, int64_t) {
     const int64_t base = n * HW * C;
     LaneAffine f(C);  // to recompute u
     for (int64_t c = 0; c < C; ++c) {
