@@ -26,7 +26,8 @@ inline int64_t run_length(int64_t blocks, int64_t block_bytes) {
 // next_block(b) returns the block after b for this worker (-1 when none is left).
 class BlockClaims {
  public:
-  BlockClaims(std::atomic<int64_t>& counter, int64_t blocks, int64_t run) : counter_(counter), blocks_(blocks), run_(run) {}
+  BlockClaims(std::atomic<int64_t>& counter, int64_t blocks, int64_t run)
+      : counter_(counter), blocks_(blocks), run_(run) {}
   int64_t next_block(int64_t b) {
     if (b + 1 < end_) return b + 1;
     const int64_t first = counter_.fetch_add(run_, std::memory_order_relaxed);

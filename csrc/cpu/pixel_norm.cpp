@@ -199,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_norm(const at::Tensor& x_in, double eps
     } else {
       // chunks handed out one at a time (parallel.h): 64x512x8x8 forward 0.80 -> 0.68 ms
       const int64_t chunks = (s.P + kChunk - 1) / kChunk;
-      parallel_blocks(s.N * chunks, std::max<int64_t>(1, 16384 / (s.C * kChunk)), chunk_bytes(s, x), [&](int64_t t) {
+      const int64_t min_per_thread = std::max<int64_t>(1, 16384 / (s.C * kChunk));
+      parallel_blocks(s.N * chunks, min_per_thread, chunk_bytes(s, x), [&](int64_t t) {
         const int64_t n = t / chunks, p0 = (t % chunks) * kChunk;
         forward_chunk(px + n * s.C * s.P, py + n * s.C * s.P, pr + n * s.P, s.C, s.P, p0,
                       std::min(kChunk, s.P - p0), e, stream);
@@ -229,7 +230,8 @@ at::Tensor pixel_norm_backward(const at::Tensor& grad_y, const at::Tensor& x_in,
       });
     } else {
       const int64_t chunks = (s.P + kChunk - 1) / kChunk;
-      parallel_blocks(s.N * chunks, std::max<int64_t>(1, 16384 / (s.C * kChunk)), chunk_bytes(s, x), [&](int64_t t) {
+      const int64_t min_per_thread = std::max<int64_t>(1, 16384 / (s.C * kChunk));
+      parallel_blocks(s.N * chunks, min_per_thread, chunk_bytes(s, x), [&](int64_t t) {
         const int64_t n = t / chunks, p0 = (t % chunks) * kChunk, o = n * s.C * s.P;
         backward_chunk(pg + o, px + o, pr + n * s.P, pd + o, s.C, s.P, p0, std::min(kChunk, s.P - p0), stream);
         if (stream) stream_fence();
