@@ -34,6 +34,25 @@ SCRIPT = textwrap.dedent("""
             (dxr,) = torch.autograd.grad(yr, xr, dy.to(dtype).double())
             check(y, yr, dtype, f"pixel_norm {shape} {dtype}")
             check(dx, dxr, dtype, f"pixel_norm backward {shape} {dtype}")
+        # GroupNorm+SiLU forward and backward: NCHW groups and channels-last samples, tiny units that
+        # each thread takes whole and larger ones that the threads share (beyond the 1 KB "cache")
+        for shape, G, cl in (((4, 8, 2, 2), 4, False), ((3, 16, 9, 11), 4, False), ((4, 8, 2, 2), 4, True),
+                             ((3, 32, 5, 7), 8, True)):
+            x = torch.randn(shape, dtype=torch.float64)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            xk = x.to(dtype).requires_grad_()
+            wk, bk = (torch.randn(shape[1]).requires_grad_() for _ in range(2))
+            with genkern.use_backend("cpu"):
+                y = genkern.group_norm_silu(xk, G, wk, bk)
+            dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+            got = torch.autograd.grad(y, (xk, wk, bk), dy)
+            xr, wr, br = (t.detach().double().requires_grad_() for t in (xk, wk, bk))
+            yr = genkern.reference.group_norm_silu(xr, G, wr, br)
+            want = torch.autograd.grad(yr, (xr, wr, br), dy.double())
+            check(y, yr, dtype, f"group_norm_silu {shape} {cl} {dtype}")
+            for g, r, name in zip(got, want, ("dx", "dweight", "dbias")):
+                check(g, r, dtype, f"group_norm_silu {name} {shape} {cl} {dtype}")
         # sampling step with a given noise tensor, and add_noise
         shape = (3, 3, 17, 19)
         m, x, z = (torch.randn(shape, dtype=torch.float64) for _ in range(3))

@@ -49,8 +49,11 @@ struct VecIO<float> {
 // read-one-write-one op. Streaming stores skip that read (what memcpy does for large sizes): on this
 // kind of CPU a 32 MB copy runs 1.4x faster with them. Near the cache size they lose: a footprint that
 // half fits would otherwise be served from cache when the op runs again, so the bar is twice the cache.
-// They also lose when much arithmetic sits between the stores (GroupNorm+SiLU's sigmoid: 8x512x32x32
-// forward 2.5 -> 4.5 ms): lines leave the write-combining buffers half written. Light loops only.
+// They also lose when much arithmetic sits between the stores (GroupNorm+SiLU's sigmoid computed in
+// the storing loop: 8x512x32x32 forward 2.5 -> 4.5 ms): lines leave the write-combining buffers half
+// written. Light loops only: GroupNorm+SiLU streams y from the light second loop of its two-pass
+// SiLU, which writes 1 KB runs (4x512x64x64 forward 3.2-3.4 -> 2.9 ms, channels-last 5.3-5.4 ->
+// 4.6-4.8 ms with whole samples shared by the threads; backward 4-12% faster at that shape).
 // The last-level cache this thread shares, from Linux sysfs (what lscpu shows: the cache of one
 // core complex; glibc's sysconf reports the whole package's L3 on AMD parts, 16x too much for the
 // decision below); 16 MiB when sysfs is absent. GENKERN_LLC_BYTES overrides both.
