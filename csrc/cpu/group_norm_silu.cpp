@@ -323,9 +323,10 @@ inline void maybe_parallel(bool parallel, int64_t n, const Fn& fn) {
 }
 
 // Runs body(unit, split, next) for unit in [0, units): whole units per thread when there are enough
-// of them and they are small enough (handed out in runs of consecutive units, parallel.h), else one unit at a time with
-// `split` = true so that the body spreads it over the threads. `next` is the unit the same worker
-// runs next (-1 if none or split), for prefetching. unit_bytes: the input one unit reads.
+// of them and they are small enough (handed out in runs of consecutive units, parallel.h), else one
+// unit at a time with `split` = true so that the body spreads it over the threads. `next` is the
+// unit the same worker runs next (-1 if none or split), for prefetching. unit_bytes: the input one
+// unit reads.
 template <typename Fn>
 inline void for_each_unit(int64_t units, int64_t unit_bytes, const Fn& body) {
   const int64_t threads = at::get_num_threads();
