@@ -9,8 +9,9 @@ from _util import DTYPES, KERNEL_BACKENDS, assert_close, make_input, require_bac
 ACTS = {"silu": F.silu, "gelu": F.gelu, "none": lambda u: u}
 
 # (shape, num_groups): U-Net-like, C not a multiple of the vector width, H*W = 1 with groups = C and
-# batch 1, one group over everything (3-D input), a 5-D input, and 65 small groups (the CPU hands
-# them out in runs of 4 on two threads: the last run is partial).
+# batch 1, one group over everything (3-D input), a 5-D input, 65 small groups (the CPU hands them
+# out in runs of 4 on two threads: the last run is partial), and 4x4 maps (the CPU runs a group's
+# short rows through one loop with per-row parameters; 8x8 in the first shape).
 SHAPES = [
     ((2, 64, 8, 8), 32),
     ((2, 6, 5, 7), 3),
@@ -18,6 +19,7 @@ SHAPES = [
     ((3, 12, 9), 1),
     ((2, 8, 3, 4, 5), 4),
     ((5, 26, 3, 3), 13),
+    ((3, 12, 4, 4), 3),
 ]
 
 

@@ -362,7 +362,16 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean,
                   const GroupNormShape& s, double eps) {
   const int64_t M = s.D * s.HW;
   const bool stream = stream_outputs(2 * s.N * s.G * M * sizeof(T));
+  // Rows shorter than the SiLU's kActPart run, of 2^row_shift >= kStep values: the group's rows go
+  // through one call with per-row parameters (PerRow), not one call each, which pays the two-pass
+  // loop's set-up and pipeline fill per row (same-process A/B: 32x256x8x8 forward 0.229 -> 0.201 ms,
+  // 64x256x4x4 0.238 -> 0.164 ms).
+  int64_t row_shift = 0;
+  if (s.HW < kActPart && s.HW >= VecIO<T>::kStep && (s.HW & (s.HW - 1)) == 0 && s.D > 1)
+    while ((int64_t{1} << row_shift) < s.HW) ++row_shift;
   for_each_unit(s.N * s.G, M * sizeof(T), [&](int64_t ng, bool split, int64_t next) {
+    thread_local std::vector<float> row_params;
+    if (row_shift > 0) row_params.resize(3 * s.D);
     const T* xg = x + ng * M;
     T* yg = y + ng * M;
     const int64_t g = ng % s.G;
@@ -384,6 +393,21 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean,
     mean_rstd(s1, s2, static_cast<double>(M), pivot, eps, mu, r);
     mean[ng] = mu;
     rstd[ng] = r;
+    if (!split && row_shift > 0) {
+      // short rows: the whole group in one call, the parameters switching per row
+      float* pr = row_params.data();
+      for (int64_t d = 0; d < s.D; ++d) {
+        const int64_t c = g * s.D + d;
+        pr[d] = mu, pr[s.D + d] = r * w[c], pr[2 * s.D + d] = b[c];
+      }
+      const int sh = static_cast<int>(row_shift);
+      const Affine<PerRow> f{{pr, sh}, {pr + s.D, sh}, {pr + 2 * s.D, sh}, {nullptr, sh}, {nullptr, sh}};
+      const Prefetch<T> pf = next < 0 ? Prefetch<T>{}
+                             : Prefetch<T>{x + next * M, nullptr, stream ? nullptr : y + next * M};
+      affine_act<T, A>(xg, yg, M, f, pf, stream);
+      if (stream) stream_fence();
+      return;
+    }
     maybe_parallel(split, s.D * K, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L);

@@ -123,6 +123,14 @@ struct PerLane {
   Vec vec(int64_t i) const { return Vec::loadu(p + i); }
   float at(int64_t i) const { return p[i]; }
 };
+// One scalar per row of 2^shift elements, for a run of several short rows (NCHW channels of an 8x8
+// map): rows at least kVec long, so that a vector never straddles two rows.
+struct PerRow {
+  const float* p;
+  int shift;
+  Vec vec(int64_t i) const { return Vec(p[i >> shift]); }
+  float at(int64_t i) const { return p[i >> shift]; }
+};
 
 constexpr float kLog2e = 1.4426950408889634f;
 
