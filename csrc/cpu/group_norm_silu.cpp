@@ -237,9 +237,12 @@ C10_ALWAYS_INLINE void affine_act(const T* x, T* y, int64_t n, const Affine<P>& 
 // accumulates du * (x - mu) and du.
 template <typename T, Activation A, typename P>
 inline void grad_sums(const T* x, const T* dy, int64_t n, const Affine<P>& f, float* du_out, float* dsc,
-                      float* db, bool per_lane_out, Prefetch<T> pf = {}) {
+                      float* db, bool per_lane_out, Prefetch<T> pf = {}, int row_shift = 0) {
   const P &mu = f.mu, &a = f.a, &b = f.b;
-  // per_lane_out: accumulate into dsc[i], db[i] (channels-last); else into dsc[0], db[0].
+  // per_lane_out: accumulate into dsc[i], db[i] (channels-last); row_shift > 0: into dsc[r], db[r] for
+  // the rows r of 2^row_shift values (a multiple of kStep: NCHW short rows, PerRow); else into dsc[0],
+  // db[0].
+  const int64_t row_mask = row_shift > 0 ? (int64_t{1} << row_shift) - 1 : 0;
   Vec s1(0.f), s2(0.f);
   // given xc = x - mu and act'(u) for the 2 kVec values at i
   auto accumulate = [&](int64_t i, const Vec& xa, const Vec& xb, const Vec& dfa, const Vec& dfb) {
@@ -257,6 +260,11 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, const Affine<P>& f, fl
     } else {
       s1 = s1 + ca + cb;
       s2 = s2 + dua + dub;
+      if (row_mask && ((i + VecIO<T>::kStep) & row_mask) == 0) {  // the row ends with this step
+        dsc[i >> row_shift] += hsum(s1);
+        db[i >> row_shift] += hsum(s2);
+        s1 = s2 = Vec(0.f);
+      }
     }
   };
   int64_t i = 0;
@@ -347,6 +355,18 @@ inline int64_t slices_per_row(bool split, int64_t rows, int64_t n) {
   return std::max<int64_t>(1, std::min(want, n / kMinTask));
 }
 
+// NCHW rows shorter than the SiLU's kActPart run, of 2^shift >= kStep values: a group's rows go
+// through one call with per-row parameters (PerRow), not one call each, which pays the two-pass
+// loop's set-up and pipeline fill per row (same-process A/B: 32x256x8x8 forward 0.229 -> 0.201 ms,
+// 64x256x4x4 0.238 -> 0.164 ms). Returns that shift, or 0 for the per-row path.
+template <typename T>
+int short_row_shift(const GroupNormShape& s) {
+  if (s.HW >= kActPart || s.HW < VecIO<T>::kStep || (s.HW & (s.HW - 1)) != 0 || s.D < 2) return 0;
+  int shift = 0;
+  while ((int64_t{1} << shift) < s.HW) ++shift;
+  return shift;
+}
+
 inline void mean_rstd(double s1, double s2, double count, float pivot, double eps, float& mu, float& r) {
   const double m = s1 / count;
   const double var = std::max(s2 / count - m * m, 0.0);
@@ -362,13 +382,7 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean,
                   const GroupNormShape& s, double eps) {
   const int64_t M = s.D * s.HW;
   const bool stream = stream_outputs(2 * s.N * s.G * M * sizeof(T));
-  // Rows shorter than the SiLU's kActPart run, of 2^row_shift >= kStep values: the group's rows go
-  // through one call with per-row parameters (PerRow), not one call each, which pays the two-pass
-  // loop's set-up and pipeline fill per row (same-process A/B: 32x256x8x8 forward 0.229 -> 0.201 ms,
-  // 64x256x4x4 0.238 -> 0.164 ms).
-  int64_t row_shift = 0;
-  if (s.HW < kActPart && s.HW >= VecIO<T>::kStep && (s.HW & (s.HW - 1)) == 0 && s.D > 1)
-    while ((int64_t{1} << row_shift) < s.HW) ++row_shift;
+  const int row_shift = short_row_shift<T>(s);
   for_each_unit(s.N * s.G, M * sizeof(T), [&](int64_t ng, bool split, int64_t next) {
     thread_local std::vector<float> row_params;
     if (row_shift > 0) row_params.resize(3 * s.D);
@@ -393,14 +407,13 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean,
     mean_rstd(s1, s2, static_cast<double>(M), pivot, eps, mu, r);
     mean[ng] = mu;
     rstd[ng] = r;
-    if (!split && row_shift > 0) {
-      // short rows: the whole group in one call, the parameters switching per row
+    if (!split && row_shift > 0) {  // short rows: the whole group in one call (short_row_shift)
       float* pr = row_params.data();
       for (int64_t d = 0; d < s.D; ++d) {
         const int64_t c = g * s.D + d;
         pr[d] = mu, pr[s.D + d] = r * w[c], pr[2 * s.D + d] = b[c];
       }
-      const int sh = static_cast<int>(row_shift);
+      const int sh = row_shift;
       const Affine<PerRow> f{{pr, sh}, {pr + s.D, sh}, {pr + 2 * s.D, sh}, {nullptr, sh}, {nullptr, sh}};
       const Prefetch<T> pf = next < 0 ? Prefetch<T>{}
                              : Prefetch<T>{x + next * M, nullptr, stream ? nullptr : y + next * M};
@@ -539,15 +552,41 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
                    const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s) {
   const int64_t M = s.D * s.HW;
   const bool stream = stream_outputs(3 * s.N * s.G * M * sizeof(T));
+  const int row_shift = short_row_shift<T>(s);
   for_each_unit(s.N * s.G, M * sizeof(T), [&](int64_t ng, bool split, int64_t next) {
     const int64_t n = ng / s.G, g = ng % s.G, c0 = g * s.D, off0 = ng * M;
     const float mu = mean[ng], r = rstd[ng];
     const int64_t K = slices_per_row(split, s.D, s.HW), L = (s.HW + K - 1) / K;
     const int64_t ahead = (next - ng) * M;  // from a place in this group to the same place in the next
-    // this group's du (cache-resident between the passes), its partial sums and dx coefficients
-    GroupScratch scratch(M + 2 * s.D * K + 3 * s.D);
+    // this group's du (cache-resident between the passes), its partial sums and dx coefficients, and
+    // for short rows the per-row parameters and sums
+    GroupScratch scratch(M + 2 * s.D * K + 10 * s.D);
     float *du = scratch.p, *part = du + M, *k = part + 2 * s.D * K;
     std::fill(part, part + 2 * s.D * K, 0.f);
+    if (!split && row_shift > 0) {  // short rows: the whole group in each pass (short_row_shift)
+      const int64_t D = s.D;
+      float* rp = k + 3 * D;  // mu, a, b, a2, b2 per row, then the row sums
+      for (int64_t d = 0; d < D; ++d) {
+        const float a = r * w[c0 + d];
+        rp[d] = mu, rp[D + d] = a, rp[2 * D + d] = b[c0 + d];
+        rp[3 * D + d] = -a * kLog2e, rp[4 * D + d] = -b[c0 + d] * kLog2e;
+        rp[5 * D + d] = 0.f, rp[6 * D + d] = 0.f;
+      }
+      const int sh = row_shift;
+      const Affine<PerRow> f{{rp, sh}, {rp + D, sh}, {rp + 2 * D, sh}, {rp + 3 * D, sh}, {rp + 4 * D, sh}};
+      grad_sums<T, A>(x + off0, dy + off0, M, f, du, rp + 5 * D, rp + 6 * D, false,
+                      Prefetch<T>{next >= 0 ? x + off0 + ahead : nullptr, next >= 0 ? dy + off0 + ahead : nullptr,
+                                  stream ? nullptr : dx + off0}, sh);
+      for (int64_t d = 0; d < D; ++d) {
+        dsc[n * s.C + c0 + d] += rp[5 * D + d];
+        dbs[n * s.C + c0 + d] += rp[6 * D + d];
+      }
+      dx_coefficients(dsc + n * s.C, dbs + n * s.C, w, r, c0, D, double(M), k, k + D, k + 2 * D);
+      grad_apply<T>(x + off0, du, dx + off0, M, PerRow{rp, sh}, PerRow{k, sh}, PerRow{k + D, sh},
+                    PerRow{k + 2 * D, sh}, stream);
+      if (stream) stream_fence();
+      return;
+    }
     maybe_parallel(split, s.D * K, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L);
