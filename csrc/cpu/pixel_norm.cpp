@@ -197,7 +197,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_norm(const at::Tensor& x_in, double eps
         stream_fence();
       });
     } else {
-      // chunks handed out one at a time (parallel.h): 64x512x8x8 forward 0.80 -> 0.68 ms
+      // chunks handed out through a shared counter (parallel.h), not split statically: 64x512x8x8
+      // forward 0.80 -> 0.68 ms
       const int64_t chunks = (s.P + kChunk - 1) / kChunk;
       const int64_t min_per_thread = std::max<int64_t>(1, 16384 / (s.C * kChunk));
       parallel_blocks(s.N * chunks, min_per_thread, chunk_bytes(s, x), [&](int64_t t) {
