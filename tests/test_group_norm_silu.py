@@ -10,8 +10,10 @@ ACTS = {"silu": F.silu, "gelu": F.gelu, "none": lambda u: u}
 
 # (shape, num_groups): U-Net-like, C not a multiple of the vector width, H*W = 1 with groups = C and
 # batch 1, one group over everything (3-D input), a 5-D input, 65 small groups (the CPU hands them
-# out in runs of 4 on two threads: the last run is partial), and 4x4 maps (the CPU runs a group's
-# short rows through one loop with per-row parameters; 8x8 in the first shape).
+# out in runs of 4 on two threads: the last run is partial), 4x4 maps, and 7x7 maps with 16 channels
+# per group. Maps under 128 values with two or more channels per group (all but the 1x1 shape) take
+# the CPU's short-rows path: a group's rows in one run, vectors straddling rows; the 7x7 groups span
+# several of its 256-value chunks.
 SHAPES = [
     ((2, 64, 8, 8), 32),
     ((2, 6, 5, 7), 3),
@@ -20,6 +22,7 @@ SHAPES = [
     ((2, 8, 3, 4, 5), 4),
     ((5, 26, 3, 3), 13),
     ((3, 12, 4, 4), 3),
+    ((2, 64, 7, 7), 4),
 ]
 
 

@@ -1,6 +1,7 @@
 // group_norm_silu on the CPU: at::vec vectorised, at::parallel_for threaded. Maths in
 // csrc/group_norm_silu.h. Work is cut into "tasks" that never straddle a (sample, group):
-//  - NCHW: a group is D contiguous rows of HW; a task is one row (or a slice of it).
+//  - NCHW: a group is D contiguous rows of HW; a task is one row (or a slice of it), or the whole
+//    group when its rows are short (short_rows).
 //  - channels-last: a sample is HW rows of C; a task is a block of pixel rows of one sample.
 // When there are at least as many groups (NCHW) or samples (channels-last) as threads, each thread
 // owns whole groups/samples and reads them a second time while they are still in its cache;
@@ -106,9 +107,14 @@ inline void shifted_sums_lanes(const T* x, int64_t rows, int64_t C, const float*
 // same times -log2(e), so that the argument of exp(-u) costs one FMA (vec.h: exp2_clamped). Only the
 // backward reads a2, b2: the forward takes t from u, which it keeps (silu_two_pass).
 // P: Broadcast (NCHW, one channel per row) or PerLane (channels-last, a row runs over the channels).
-template <typename P>
+// NCHW short rows (ExpandedParams): mu Broadcast, a and a2 ScaledLane, b and b2 PerLane.
+template <typename PM, typename PA = PM, typename PB = PA>
 struct Affine {
-  P mu, a, b, a2, b2;
+  PM mu;
+  PA a;
+  PB b;
+  PA a2;
+  PB b2;
 };
 inline Affine<Broadcast> affine(float mu, float a, float b) {
   return {{mu}, {a}, {b}, {-a * kLog2e}, {-b * kLog2e}};
@@ -128,19 +134,6 @@ struct LaneAffine {
     return {{p}, {p + L}, {p + 2 * L}, {p + 3 * L}, {p + 4 * L}};
   }
 };
-// NCHW short rows (short_row_shift): the five arrays of one group's D channels, one value per row of
-// 2^shift elements, written to p[0, 5 D); channel d has a = r w[d], b = b[d], the mean mu for all.
-// Always inlined: left to the compiler, the forward measured 10% slower (64x256x4x4 0.186 ->
-// 0.205 ms, alternating builds), like affine_act below when it was a call.
-C10_ALWAYS_INLINE Affine<PerRow> row_affine(float* p, int64_t D, int shift, float mu, float r, const float* w,
-                                            const float* b) {
-  for (int64_t d = 0; d < D; ++d) {
-    const float a = r * w[d];
-    p[d] = mu, p[D + d] = a, p[2 * D + d] = b[d], p[3 * D + d] = -a * kLog2e, p[4 * D + d] = -b[d] * kLog2e;
-  }
-  return {{p, shift}, {p + D, shift}, {p + 2 * D, shift}, {p + 3 * D, shift}, {p + 4 * D, shift}};
-}
-
 // Lines a loop asks the cache for while it computes on its own. r0, r1: read next (the x and dy of the
 // worker's next group, or channels-last sample, at the same offsets); w: written soon (the next
 // group's y; in the backward, this group's dx, which its light second pass writes). A store that
@@ -173,8 +166,8 @@ struct Prefetch {
 // Covers whole kStep steps; returns where it stopped. Always inlined: called, it sees finish's
 // captures as references that stores to y may alias and reloads parameters and pointers in every
 // iteration (16x256x16x16 forward 0.45-0.47 -> 0.41-0.42 ms).
-template <bool kKeepU, typename T, typename P, typename Finish>
-C10_ALWAYS_INLINE int64_t silu_two_pass(const T* x, int64_t n, const Affine<P>& f, Prefetch<T> pf, const Finish& finish) {
+template <bool kKeepU, typename T, typename F, typename Finish>
+C10_ALWAYS_INLINE int64_t silu_two_pass(const T* x, int64_t n, const F& f, Prefetch<T> pf, const Finish& finish) {
   constexpr int64_t S = VecIO<T>::kStep;
   alignas(64) float vbuf[kActPart], eb[kActPart];
   int64_t i = 0;
@@ -223,10 +216,10 @@ C10_ALWAYS_INLINE int64_t silu_two_pass(const T* x, int64_t n, const Affine<P>& 
 // stream_outputs; the caller fences). Always inlined into the row loops: called, it took its Prefetch
 // argument through the stack, which a 16-byte reload then waited on (store forwarding), once per row
 // (16x256x16x16 forward 0.396-0.401 -> 0.381-0.383 ms, three alternating runs each).
-template <typename T, Activation A, typename P>
-C10_ALWAYS_INLINE void affine_act(const T* x, T* y, int64_t n, const Affine<P>& f, Prefetch<T> pf = {},
+template <typename T, Activation A, typename F>
+C10_ALWAYS_INLINE void affine_act(const T* x, T* y, int64_t n, const F& f, Prefetch<T> pf = {},
                                   bool stream = false) {
-  const P &mu = f.mu, &a = f.a, &b = f.b;
+  const auto &mu = f.mu, &a = f.a, &b = f.b;
   int64_t i = 0;
   if constexpr (A == Activation::SiLU) {
     i = silu_two_pass<true>(x, n, f, pf, [&](int64_t k, const Vec& ua, const Vec& ub, const Vec& ea, const Vec& eb) {
@@ -247,14 +240,11 @@ C10_ALWAYS_INLINE void affine_act(const T* x, T* y, int64_t n, const Affine<P>& 
 // Backward, pass 1: du = dy * act'((x - mu) * a + b), kept in a float32 scratch row (the
 // activation's derivative is the expensive part; pass 2 then costs two loads and two FMAs);
 // accumulates du * (x - mu) and du.
-template <typename T, Activation A, typename P>
-inline void grad_sums(const T* x, const T* dy, int64_t n, const Affine<P>& f, float* du_out, float* dsc,
-                      float* db, bool per_lane_out, Prefetch<T> pf = {}, int row_shift = 0) {
-  const P &mu = f.mu, &a = f.a, &b = f.b;
-  // per_lane_out: accumulate into dsc[i], db[i] (channels-last); row_shift > 0: into dsc[r], db[r] for
-  // the rows r of 2^row_shift values (a multiple of kStep: NCHW short rows, PerRow); else into dsc[0],
-  // db[0].
-  const int64_t row_mask = row_shift > 0 ? (int64_t{1} << row_shift) - 1 : 0;
+template <typename T, Activation A, typename F>
+inline void grad_sums(const T* x, const T* dy, int64_t n, const F& f, float* du_out, float* dsc,
+                      float* db, bool per_lane_out, Prefetch<T> pf = {}) {
+  const auto &mu = f.mu, &a = f.a, &b = f.b;
+  // per_lane_out: accumulate into dsc[i], db[i] (channels-last); else into dsc[0], db[0].
   Vec s1(0.f), s2(0.f);
   // given xc = x - mu and act'(u) for the 2 kVec values at i
   auto accumulate = [&](int64_t i, const Vec& xa, const Vec& xb, const Vec& dfa, const Vec& dfb) {
@@ -272,11 +262,6 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, const Affine<P>& f, fl
     } else {
       s1 = s1 + ca + cb;
       s2 = s2 + dua + dub;
-      if (row_mask && ((i + VecIO<T>::kStep) & row_mask) == 0) {  // the row ends with this step
-        dsc[i >> row_shift] += hsum(s1);
-        db[i >> row_shift] += hsum(s2);
-        s1 = s2 = Vec(0.f);
-      }
     }
   };
   int64_t i = 0;
@@ -314,8 +299,8 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, const Affine<P>& f, fl
 }
 
 // Backward, pass 2: dx = k1 * du + k2 * (x - mu) + k3.
-template <typename T, typename P>
-inline void grad_apply(const T* x, const float* du, T* dx, int64_t n, P mu, P k1, P k2, P k3, bool stream) {
+template <typename T, typename PM, typename P1, typename P2, typename P3>
+inline void grad_apply(const T* x, const float* du, T* dx, int64_t n, PM mu, P1 k1, P2 k2, P3 k3, bool stream) {
   int64_t i = 0;
   for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
     Vec x2[2];
@@ -367,16 +352,65 @@ inline int64_t slices_per_row(bool split, int64_t rows, int64_t n) {
   return std::max<int64_t>(1, std::min(want, n / kMinTask));
 }
 
-// NCHW rows shorter than the SiLU's kActPart run, of 2^shift >= kStep values: a group's rows go
-// through one call with per-row parameters (PerRow), not one call each, which pays the two-pass
-// loop's set-up and pipeline fill per row (same-process A/B: 32x256x8x8 forward 0.229 -> 0.201 ms,
-// 64x256x4x4 0.238 -> 0.164 ms). Returns that shift, or 0 for the per-row path.
+// NCHW maps smaller than 128 values (11x11, 8x8, 7x7, ..., 1x1): a group's D rows go through each
+// pass as one run, vectors straddling the rows, instead of one call per row, which paid the two-pass
+// SiLU loop's set-up and pipeline fill and a scalar tail (with a scalar exp) per row. The run takes
+// per-lane parameters: w and b repeated along each channel's HW values once per call (ExpandedParams),
+// and a = rstd w as ScaledLane over the repeated w. Same-process A/B against one call per row (2
+// threads, forward / backward op): 7x7 1.20x / 1.31x, 5x5 2.4x / 2.6x, 10x10 1.22x / 1.15x, 8x8
+// 1.00x / 1.04x; from 12x12 (144 values) on the per-row calls win (0.87x / 0.80x): the per-lane
+// parameters cost two loads and a multiply per vector, and the backward a pass of its own for the
+// per-channel sums (row_grad_sums).
+inline bool short_rows(const GroupNormShape& s) { return s.HW < kActPart / 2 && s.D >= 2; }
+
+// The per-channel parameters of the NCHW short-rows path, each repeated HW times in x's channel order:
+// w and b, and for the backward the exponent's -w log2(e) and -b log2(e) (Affine).
+struct ExpandedParams {
+  int64_t n;  // C * HW, the length of each array
+  bool backward;
+  std::vector<float> v;
+  ExpandedParams(const float* w, const float* b, const GroupNormShape& s, bool backward)
+      : n(s.C * s.HW), backward(backward), v((backward ? 4 : 2) * n) {
+    for (int64_t c = 0; c < s.C; ++c) {
+      float* p = v.data() + c * s.HW;
+      std::fill(p, p + s.HW, w[c]);
+      std::fill(p + n, p + n + s.HW, b[c]);
+      if (backward) {
+        std::fill(p + 2 * n, p + 2 * n + s.HW, -w[c] * kLog2e);
+        std::fill(p + 3 * n, p + 3 * n + s.HW, -b[c] * kLog2e);
+      }
+    }
+  }
+  // Group g's parameters (its first value is at g * D * HW of a sample); a2, b2 only for the backward.
+  Affine<Broadcast, ScaledLane, PerLane> group(int64_t g, int64_t M, float mu, float r) const {
+    const float* p = v.data() + g * M;
+    const float* q = backward ? p + 2 * n : p;
+    return {{mu}, {p, r}, {p + n}, {q, r}, {q + n}};
+  }
+};
+
+// Per-row sums of du (x - mu) and du over D rows of L values, added to dsc[d], db[d].
 template <typename T>
-int short_row_shift(const GroupNormShape& s) {
-  if (s.HW >= kActPart || s.HW < VecIO<T>::kStep || (s.HW & (s.HW - 1)) != 0 || s.D < 2) return 0;
-  int shift = 0;
-  while ((int64_t{1} << shift) < s.HW) ++shift;
-  return shift;
+void row_grad_sums(const T* x, const float* du, int64_t D, int64_t L, float mu, double* dsc, double* db) {
+  const Vec vm(mu);
+  for (int64_t d = 0; d < D; ++d) {
+    const T* xr = x + d * L;
+    const float* g = du + d * L;
+    Vec s1(0.f), s2(0.f);
+    int64_t i = 0;
+    for (; i + VecIO<T>::kStep <= L; i += VecIO<T>::kStep) {
+      Vec xa, xb;
+      VecIO<T>::load(xr + i, xa, xb);
+      const Vec ga = Vec::loadu(g + i), gb = Vec::loadu(g + i + kVec);
+      s1 = at::vec::fmadd(ga, xa - vm, s1);
+      s1 = at::vec::fmadd(gb, xb - vm, s1);
+      s2 = s2 + ga + gb;
+    }
+    float t1 = hsum(s1), t2 = hsum(s2);
+    for (; i < L; ++i) t1 += g[i] * (static_cast<float>(xr[i]) - mu), t2 += g[i];
+    dsc[d] += t1;
+    db[d] += t2;
+  }
 }
 
 inline void mean_rstd(double s1, double s2, double count, float pivot, double eps, float& mu, float& r) {
@@ -413,7 +447,8 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean,
                   const GroupNormShape& s, double eps) {
   const int64_t M = s.D * s.HW;
   const bool stream = stream_outputs(2 * s.N * s.G * M * sizeof(T));
-  const int row_shift = short_row_shift<T>(s);
+  const bool short_r = short_rows(s);
+  const std::unique_ptr<ExpandedParams> ex(short_r ? new ExpandedParams(w, b, s, false) : nullptr);
   for_each_unit(s.N * s.G, M * sizeof(T), [&](int64_t ng, bool split, int64_t next) {
     const T* xg = x + ng * M;
     T* yg = y + ng * M;
@@ -422,26 +457,28 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean,
     const int64_t K = slices_per_row(split, s.D, s.HW), L = (s.HW + K - 1) / K;
     // The statistics ignore channel boundaries: the group is one contiguous run of M values, cut
     // into as many equal slices as there are tasks (one when a thread owns the whole group).
-    const int64_t tasks = split ? s.D * K : 1, LM = (M + tasks - 1) / tasks;
-    std::vector<double> part(2 * tasks, 0.0);
-    maybe_parallel(split, tasks, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t lo = t * LM, hi = std::min(M, lo + LM);
-        if (lo < hi) std::tie(part[2 * t], part[2 * t + 1]) = shifted_sums(xg + lo, hi - lo, pivot);
-      }
-    });
     double s1 = 0, s2 = 0;
-    for (int64_t t = 0; t < tasks; ++t) s1 += part[2 * t], s2 += part[2 * t + 1];
+    if (split) {
+      const int64_t tasks = s.D * K, LM = (M + tasks - 1) / tasks;
+      std::vector<double> part(2 * tasks, 0.0);
+      maybe_parallel(true, tasks, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t lo = t * LM, hi = std::min(M, lo + LM);
+          if (lo < hi) std::tie(part[2 * t], part[2 * t + 1]) = shifted_sums(xg + lo, hi - lo, pivot);
+        }
+      });
+      for (int64_t t = 0; t < tasks; ++t) s1 += part[2 * t], s2 += part[2 * t + 1];
+    } else {
+      std::tie(s1, s2) = shifted_sums(xg, M, pivot);
+    }
     float mu, r;
     mean_rstd(s1, s2, static_cast<double>(M), pivot, eps, mu, r);
     mean[ng] = mu;
     rstd[ng] = r;
-    if (!split && row_shift > 0) {  // short rows: the whole group in one call (short_row_shift)
-      GroupScratch params(5 * s.D);
-      const Affine<PerRow> f = row_affine(params.p, s.D, row_shift, mu, r, w + g * s.D, b + g * s.D);
+    if (!split && short_r) {  // short rows: the whole group in one call (short_rows)
       const Prefetch<T> pf = next < 0 ? Prefetch<T>{}
                              : Prefetch<T>{x + next * M, nullptr, stream ? nullptr : y + next * M};
-      affine_act<T, A>(xg, yg, M, f, pf, stream);
+      affine_act<T, A>(xg, yg, M, ex->group(g, M, mu, r), pf, stream);
       if (stream) stream_fence();
       return;
     }
@@ -558,33 +595,27 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
                    const float* rstd, T* dx, double* dsc, double* dbs, const GroupNormShape& s) {
   const int64_t M = s.D * s.HW;
   const bool stream = stream_outputs(3 * s.N * s.G * M * sizeof(T));
-  const int row_shift = short_row_shift<T>(s);
+  const bool short_r = short_rows(s);
+  const std::unique_ptr<ExpandedParams> ex(short_r ? new ExpandedParams(w, b, s, true) : nullptr);
   for_each_unit(s.N * s.G, M * sizeof(T), [&](int64_t ng, bool split, int64_t next) {
     const int64_t n = ng / s.G, g = ng % s.G, c0 = g * s.D, off0 = ng * M;
     const float mu = mean[ng], r = rstd[ng];
     const int64_t K = slices_per_row(split, s.D, s.HW), L = (s.HW + K - 1) / K;
     const int64_t ahead = (next - ng) * M;  // from a place in this group to the same place in the next
-    // this group's du (cache-resident between the passes), its partial sums and dx coefficients, and
-    // for short rows the per-row parameters and sums
-    GroupScratch scratch(M + 2 * s.D * K + 10 * s.D);
+    // this group's du (cache-resident between the passes), its partial sums and dx coefficients
+    GroupScratch scratch(M + 2 * s.D * K + 3 * s.D);
     float *du = scratch.p, *part = du + M, *k = part + 2 * s.D * K;
     std::fill(part, part + 2 * s.D * K, 0.f);
-    if (!split && row_shift > 0) {  // short rows: the whole group in each pass (short_row_shift)
-      const int64_t D = s.D;
-      const int sh = row_shift;
-      float* rp = k + 3 * D;  // the per-row parameters (row_affine), then the row sums
-      const Affine<PerRow> f = row_affine(rp, D, sh, mu, r, w + c0, b + c0);
-      std::fill(rp + 5 * D, rp + 7 * D, 0.f);
-      grad_sums<T, A>(x + off0, dy + off0, M, f, du, rp + 5 * D, rp + 6 * D, false,
+    if (!split && short_r) {  // short rows: the whole group in each pass (short_rows)
+      const auto f = ex->group(g, M, mu, r);
+      float whole[2] = {0.f, 0.f};  // the group's sums, unused: the rows' come from du below
+      grad_sums<T, A>(x + off0, dy + off0, M, f, du, whole, whole + 1, false,
                       Prefetch<T>{next >= 0 ? x + off0 + ahead : nullptr, next >= 0 ? dy + off0 + ahead : nullptr,
-                                  stream ? nullptr : dx + off0}, sh);
-      for (int64_t d = 0; d < D; ++d) {
-        dsc[n * s.C + c0 + d] += rp[5 * D + d];
-        dbs[n * s.C + c0 + d] += rp[6 * D + d];
-      }
-      dx_coefficients(dsc + n * s.C, dbs + n * s.C, w, r, c0, D, double(M), k, k + D, k + 2 * D);
-      grad_apply<T>(x + off0, du, dx + off0, M, PerRow{rp, sh}, PerRow{k, sh}, PerRow{k + D, sh},
-                    PerRow{k + 2 * D, sh}, stream);
+                                  stream ? nullptr : dx + off0});
+      row_grad_sums(x + off0, du, s.D, s.HW, mu, dsc + n * s.C + c0, dbs + n * s.C + c0);
+      dx_coefficients(dsc + n * s.C, dbs + n * s.C, w, r, c0, s.D, double(M), k, k + s.D, k + 2 * s.D);
+      grad_apply<T>(x + off0, du, dx + off0, M, Broadcast{mu}, f.a, Broadcast{k[s.D]}, Broadcast{k[2 * s.D]},
+                    stream);
       if (stream) stream_fence();
       return;
     }

@@ -123,15 +123,13 @@ struct PerLane {
   Vec vec(int64_t i) const { return Vec::loadu(p + i); }
   float at(int64_t i) const { return p[i]; }
 };
-// One scalar per row of 2^shift elements, for a run of several short rows (NCHW channels of an 8x8
-// map): rows at least kVec long, so that a vector never straddles two rows.
-struct PerRow {
+// A per-lane array times one scalar (NCHW short rows: a = rstd w[c] with w repeated along the rows).
+struct ScaledLane {
   const float* p;
-  int shift;
-  Vec vec(int64_t i) const { return Vec(p[i >> shift]); }
-  float at(int64_t i) const { return p[i >> shift]; }
+  float s;
+  Vec vec(int64_t i) const { return Vec(s) * Vec::loadu(p + i); }
+  float at(int64_t i) const { return s * p[i]; }
 };
-
 constexpr float kLog2e = 1.4426950408889634f;
 
 // sigmoid(u) = 1 / (1 + e) with e = exp(-u): the whole cost of SiLU on a CPU.
