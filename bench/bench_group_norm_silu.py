@@ -17,9 +17,10 @@ from genkern.ops.group_norm_silu import bytes_moved
 OP = "group_norm_silu"
 
 # (shape, num_groups): DDPM CIFAR-10 U-Net ResBlock shapes (ch 128, mults 1,2,2,2) and a 64x64
-# Double-Conv U-Net block with one group over C x H x W.
+# Double-Conv U-Net block with one group over C x H x W; --full adds the 8x8 level of a 32x32 U-Net,
+# the 7x7 level of a 28x28 (MNIST-sized) one, and a large map.
 QUICK = [((16, 128, 32, 32), 32), ((16, 256, 16, 16), 32), ((8, 512, 32, 32), 32)]
-FULL = QUICK + [((8, 64, 64, 64), 1), ((32, 256, 8, 8), 32), ((4, 512, 64, 64), 32)]
+FULL = QUICK + [((8, 64, 64, 64), 1), ((32, 256, 8, 8), 32), ((32, 256, 7, 7), 32), ((4, 512, 64, 64), 32)]
 # GPU: a large memory-bound case (the roofline yardstick), the U-Net shapes, and a launch-bound one;
 # (shape, G, channels_last options, dtypes)
 GPU = [((32, 512, 64, 64), 32, (False, True), (torch.float32, torch.bfloat16)),
