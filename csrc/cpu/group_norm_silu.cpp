@@ -251,14 +251,18 @@ C10_ALWAYS_INLINE void affine_act(const T* x, T* y, int64_t n, const F& f, Prefe
   }
 }
 
+// Where grad_sums adds du (x - mu) and du: into dsc[0], db[0] (a row of one channel, NCHW), into
+// dsc[i], db[i] (channels-last rows, one channel per lane), or nowhere (NCHW short rows, whose
+// per-channel sums row_grad_sums takes from du).
+enum class SumsTo { Whole, Lanes, None };
+
 // Backward, pass 1: du = dy * act'((x - mu) * a + b), kept in a float32 scratch row (the
 // activation's derivative is the expensive part; pass 2 then costs two loads and two FMAs);
-// accumulates du * (x - mu) and du.
-template <typename T, Activation A, typename F>
-inline void grad_sums(const T* x, const T* dy, int64_t n, const F& f, float* du_out, float* dsc,
-                      float* db, bool per_lane_out, Prefetch<T> pf = {}) {
+// accumulates du * (x - mu) and du as kSums says.
+template <typename T, Activation A, SumsTo kSums, typename F>
+inline void grad_sums(const T* x, const T* dy, int64_t n, const F& f, float* du_out, float* dsc, float* db,
+                      Prefetch<T> pf = {}) {
   const auto &mu = f.mu, &a = f.a, &b = f.b;
-  // per_lane_out: accumulate into dsc[i], db[i] (channels-last); else into dsc[0], db[0].
   Vec s1(0.f), s2(0.f);
   // given xc = x - mu and act'(u) for the 2 kVec values at i
   auto accumulate = [&](int64_t i, const Vec& xa, const Vec& xb, const Vec& dfa, const Vec& dfb) {
@@ -267,14 +271,13 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, const F& f, float* du_
     const Vec dua = ga * dfa, dub = gb * dfb;
     dua.store(du_out + i);
     dub.store(du_out + i + kVec);
-    const Vec ca = xa * dua, cb = xb * dub;
-    if (per_lane_out) {
-      (Vec::loadu(dsc + i) + ca).store(dsc + i);
-      (Vec::loadu(dsc + i + kVec) + cb).store(dsc + i + kVec);
+    if constexpr (kSums == SumsTo::Lanes) {
+      (Vec::loadu(dsc + i) + xa * dua).store(dsc + i);
+      (Vec::loadu(dsc + i + kVec) + xb * dub).store(dsc + i + kVec);
       (Vec::loadu(db + i) + dua).store(db + i);
       (Vec::loadu(db + i + kVec) + dub).store(db + i + kVec);
-    } else {
-      s1 = s1 + ca + cb;
+    } else if constexpr (kSums == SumsTo::Whole) {
+      s1 = s1 + xa * dua + xb * dub;
       s2 = s2 + dua + dub;
     }
   };
@@ -293,22 +296,37 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, const F& f, float* du_
     accumulate(i, xa, xb, ActVec<A>::df(at::vec::fmadd(xa, a.vec(i), b.vec(i))),
                ActVec<A>::df(at::vec::fmadd(xb, a.vec(i + kVec), b.vec(i + kVec))));
   }
-  float t1 = 0.f, t2 = 0.f;
-  for (; i < n; ++i) {
-    const float xc = static_cast<float>(x[i]) - mu.at(i);
-    const float du = static_cast<float>(dy[i]) * Act<A>::df(xc * a.at(i) + b.at(i));
-    du_out[i] = du;
-    if (per_lane_out) {
-      dsc[i] += du * xc;
-      db[i] += du;
-    } else {
-      t1 += du * xc;
-      t2 += du;
+  if (i < n) {
+    // The last m < kStep values as one vector step through padded buffers (affine_act): zero dy in
+    // the padding makes its du, and so its sums, zero.
+    constexpr int64_t S = VecIO<T>::kStep;
+    const int64_t m = n - i;
+    T xt[S] = {}, gt[S] = {};
+    alignas(32) float pm[S] = {}, pa[S] = {}, pb[S] = {}, xc[S], du[S];
+    for (int64_t j = 0; j < m; ++j)
+      xt[j] = x[i + j], gt[j] = dy[i + j], pm[j] = mu.at(i + j), pa[j] = a.at(i + j), pb[j] = b.at(i + j);
+    Vec xa, xb, ga, gb;
+    VecIO<T>::load(xt, xa, xb);
+    VecIO<T>::load(gt, ga, gb);
+    xa = xa - Vec::loadu(pm);
+    xb = xb - Vec::loadu(pm + kVec);
+    const Vec dua = ga * ActVec<A>::df(at::vec::fmadd(xa, Vec::loadu(pa), Vec::loadu(pb)));
+    const Vec dub = gb * ActVec<A>::df(at::vec::fmadd(xb, Vec::loadu(pa + kVec), Vec::loadu(pb + kVec)));
+    dua.store(du);
+    dub.store(du + kVec);
+    std::copy(du, du + m, du_out + i);
+    if constexpr (kSums == SumsTo::Lanes) {
+      xa.store(xc);
+      xb.store(xc + kVec);
+      for (int64_t j = 0; j < m; ++j) dsc[i + j] += du[j] * xc[j], db[i + j] += du[j];
+    } else if constexpr (kSums == SumsTo::Whole) {
+      s1 = s1 + xa * dua + xb * dub;
+      s2 = s2 + dua + dub;
     }
   }
-  if (!per_lane_out) {
-    dsc[0] += hsum(s1) + t1;
-    db[0] += hsum(s2) + t2;
+  if constexpr (kSums == SumsTo::Whole) {
+    dsc[0] += hsum(s1);
+    db[0] += hsum(s2);
   }
 }
 
@@ -622,10 +640,9 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
     std::fill(part, part + 2 * s.D * K, 0.f);
     if (!split && short_r) {  // short rows: the whole group in each pass (short_rows)
       const auto f = ex->group(g, M, mu, r);
-      float whole[2] = {0.f, 0.f};  // the group's sums, unused: the rows' come from du below
-      grad_sums<T, A>(x + off0, dy + off0, M, f, du, whole, whole + 1, false,
-                      Prefetch<T>{next >= 0 ? x + off0 + ahead : nullptr, next >= 0 ? dy + off0 + ahead : nullptr,
-                                  stream ? nullptr : dx + off0});
+      const Prefetch<T> pf{next >= 0 ? x + off0 + ahead : nullptr, next >= 0 ? dy + off0 + ahead : nullptr,
+                           stream ? nullptr : dx + off0};
+      grad_sums<T, A, SumsTo::None>(x + off0, dy + off0, M, f, du, nullptr, nullptr, pf);
       row_grad_sums(x + off0, du, s.D, s.HW, mu, dsc + n * s.C + c0, dbs + n * s.C + c0);
       dx_coefficients(dsc + n * s.C, dbs + n * s.C, w, r, c0, s.D, double(M), k, k + s.D, k + 2 * s.D);
       grad_apply<T>(x + off0, du, dx + off0, M, Broadcast{mu}, f.a, Broadcast{k[s.D]}, Broadcast{k[2 * s.D]},
@@ -639,10 +656,10 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
         if (lo >= hi) continue;
         const float a = r * w[c0 + d];
         const int64_t off = off0 + d * s.HW + lo;
-        grad_sums<T, A>(x + off, dy + off, hi - lo, affine(mu, a, b[c0 + d]), du + (off - off0),
-                        &part[2 * t], &part[2 * t + 1], false,
-                        Prefetch<T>{next >= 0 ? x + off + ahead : nullptr, next >= 0 ? dy + off + ahead : nullptr,
-                                    stream ? nullptr : dx + off});
+        const Prefetch<T> pf{next >= 0 ? x + off + ahead : nullptr, next >= 0 ? dy + off + ahead : nullptr,
+                             stream ? nullptr : dx + off};
+        grad_sums<T, A, SumsTo::Whole>(x + off, dy + off, hi - lo, affine(mu, a, b[c0 + d]), du + (off - off0),
+                                       &part[2 * t], &part[2 * t + 1], pf);
       }
     });
     for (int64_t t = 0; t < s.D * K; ++t) {
@@ -682,7 +699,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
     std::unique_ptr<float[]> du(new float[HW * C]);  // this sample's du
     const std::vector<double> part = channel_block_sums(split, pb, HW, C, [&](int64_t p, int64_t q, float* a1, float* a2) {
       for (; p < q; ++p)
-        grad_sums<T, A>(x + base + p * C, dy + base + p * C, C, lanes, du.get() + p * C, a1, a2, true);
+        grad_sums<T, A, SumsTo::Lanes>(x + base + p * C, dy + base + p * C, C, lanes, du.get() + p * C, a1, a2);
     });
     for (int64_t blk = 0; blk < pb.count; ++blk)
       for (int64_t c = 0; c < C; ++c)
