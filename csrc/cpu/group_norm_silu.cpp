@@ -211,6 +211,21 @@ C10_ALWAYS_INLINE int64_t silu_two_pass(const T* x, int64_t n, const F& f, Prefe
   return i;
 }
 
+// The last m < kStep values of a run, at i, as one vector step (vec.h: load_padded): x and the
+// affine parameters, zero in the padding lanes. A scalar exp per value cost more than the step (a
+// group of 7x7 maps with 8 channels ends in 8 of them).
+struct PaddedAffine {
+  Vec x[2], mu[2], a[2], b[2];
+  template <typename T, typename F>
+  PaddedAffine(const T* x_, int64_t i, int64_t m, const F& f) {
+    alignas(32) float pm[2 * kVec] = {}, pa[2 * kVec] = {}, pb[2 * kVec] = {};
+    for (int64_t j = 0; j < m; ++j) pm[j] = f.mu.at(i + j), pa[j] = f.a.at(i + j), pb[j] = f.b.at(i + j);
+    load_padded(x_ + i, m, x[0], x[1]);
+    for (int h = 0; h < 2; ++h)
+      mu[h] = Vec::loadu(pm + h * kVec), a[h] = Vec::loadu(pa + h * kVec), b[h] = Vec::loadu(pb + h * kVec);
+  }
+};
+
 // y = act((x - mu) * a + b). Centring first keeps u exact when rstd is huge (near-constant groups).
 // pf: rows to prefetch meanwhile (silu_two_pass). stream: streaming stores for y (vec.h:
 // stream_outputs; the caller fences). Always inlined into the row loops: called, it took its Prefetch
@@ -235,19 +250,9 @@ C10_ALWAYS_INLINE void affine_act(const T* x, T* y, int64_t n, const F& f, Prefe
     store_out(y + i, va, vb, stream);
   }
   if (i < n) {
-    // The last m < kStep values as one vector step through padded buffers: a scalar exp per value
-    // cost more (a group of 7x7 maps with 8 channels ends in 8 of them).
-    constexpr int64_t S = VecIO<T>::kStep;
-    const int64_t m = n - i;
-    T xt[S] = {}, yt[S];
-    alignas(32) float pm[S] = {}, pa[S] = {}, pb[S] = {};
-    for (int64_t j = 0; j < m; ++j) xt[j] = x[i + j], pm[j] = mu.at(i + j), pa[j] = a.at(i + j), pb[j] = b.at(i + j);
-    Vec va, vb;
-    VecIO<T>::load(xt, va, vb);
-    va = ActVec<A>::f(at::vec::fmadd(va - Vec::loadu(pm), Vec::loadu(pa), Vec::loadu(pb)));
-    vb = ActVec<A>::f(at::vec::fmadd(vb - Vec::loadu(pm + kVec), Vec::loadu(pa + kVec), Vec::loadu(pb + kVec)));
-    VecIO<T>::store(yt, va, vb);
-    std::copy(yt, yt + m, y + i);
+    const PaddedAffine t(x, i, n - i, f);
+    store_first(y + i, n - i, ActVec<A>::f(at::vec::fmadd(t.x[0] - t.mu[0], t.a[0], t.b[0])),
+                ActVec<A>::f(at::vec::fmadd(t.x[1] - t.mu[1], t.a[1], t.b[1])));
   }
 }
 
@@ -296,29 +301,20 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, const F& f, float* du_
     accumulate(i, xa, xb, ActVec<A>::df(at::vec::fmadd(xa, a.vec(i), b.vec(i))),
                ActVec<A>::df(at::vec::fmadd(xb, a.vec(i + kVec), b.vec(i + kVec))));
   }
-  if (i < n) {
-    // The last m < kStep values as one vector step through padded buffers (affine_act): zero dy in
-    // the padding makes its du, and so its sums, zero.
-    constexpr int64_t S = VecIO<T>::kStep;
+  if (i < n) {  // the last values (PaddedAffine); zero dy in the padding makes its du, and sums, zero
     const int64_t m = n - i;
-    T xt[S] = {}, gt[S] = {};
-    alignas(32) float pm[S] = {}, pa[S] = {}, pb[S] = {}, xc[S], du[S];
-    for (int64_t j = 0; j < m; ++j)
-      xt[j] = x[i + j], gt[j] = dy[i + j], pm[j] = mu.at(i + j), pa[j] = a.at(i + j), pb[j] = b.at(i + j);
-    Vec xa, xb, ga, gb;
-    VecIO<T>::load(xt, xa, xb);
-    VecIO<T>::load(gt, ga, gb);
-    xa = xa - Vec::loadu(pm);
-    xb = xb - Vec::loadu(pm + kVec);
-    const Vec dua = ga * ActVec<A>::df(at::vec::fmadd(xa, Vec::loadu(pa), Vec::loadu(pb)));
-    const Vec dub = gb * ActVec<A>::df(at::vec::fmadd(xb, Vec::loadu(pa + kVec), Vec::loadu(pb + kVec)));
-    dua.store(du);
-    dub.store(du + kVec);
-    std::copy(du, du + m, du_out + i);
+    const PaddedAffine t(x, i, m, f);
+    Vec ga, gb;
+    load_padded(dy + i, m, ga, gb);
+    const Vec xa = t.x[0] - t.mu[0], xb = t.x[1] - t.mu[1];
+    const Vec dua = ga * ActVec<A>::df(at::vec::fmadd(xa, t.a[0], t.b[0]));
+    const Vec dub = gb * ActVec<A>::df(at::vec::fmadd(xb, t.a[1], t.b[1]));
+    store_first(du_out + i, m, dua, dub);
     if constexpr (kSums == SumsTo::Lanes) {
-      xa.store(xc);
-      xb.store(xc + kVec);
-      for (int64_t j = 0; j < m; ++j) dsc[i + j] += du[j] * xc[j], db[i + j] += du[j];
+      for (int64_t j = i; j < n; ++j) {
+        dsc[j] += du_out[j] * (static_cast<float>(x[j]) - mu.at(j));
+        db[j] += du_out[j];
+      }
     } else if constexpr (kSums == SumsTo::Whole) {
       s1 = s1 + xa * dua + xb * dub;
       s2 = s2 + dua + dub;
@@ -637,7 +633,6 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
     // this group's du (cache-resident between the passes), its partial sums and dx coefficients
     GroupScratch scratch(M + 2 * s.D * K + 3 * s.D);
     float *du = scratch.p, *part = du + M, *k = part + 2 * s.D * K;
-    std::fill(part, part + 2 * s.D * K, 0.f);
     if (!split && short_r) {  // short rows: the whole group in each pass (short_rows)
       const auto f = ex->group(g, M, mu, r);
       const Prefetch<T> pf{next >= 0 ? x + off0 + ahead : nullptr, next >= 0 ? dy + off0 + ahead : nullptr,
@@ -645,11 +640,13 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       grad_sums<T, A, SumsTo::None>(x + off0, dy + off0, M, f, du, nullptr, nullptr, pf);
       row_grad_sums(x + off0, du, s.D, s.HW, mu, dsc + n * s.C + c0, dbs + n * s.C + c0);
       dx_coefficients(dsc + n * s.C, dbs + n * s.C, w, r, c0, s.D, double(M), k, k + s.D, k + 2 * s.D);
+      // k1 = rstd w per channel is f.a; k2 and k3 are the same for all the group's channels
       grad_apply<T>(x + off0, du, dx + off0, M, Broadcast{mu}, f.a, Broadcast{k[s.D]}, Broadcast{k[2 * s.D]},
                     stream);
       if (stream) stream_fence();
       return;
     }
+    std::fill(part, part + 2 * s.D * K, 0.f);
     maybe_parallel(split, s.D * K, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t d = t / K, lo = (t % K) * L, hi = std::min(s.HW, lo + L);

@@ -1,6 +1,7 @@
 // Vector helpers for the CPU kernels: float32 compute over float32/float16/bfloat16 storage, and
 // vectorised versions of the activations in activation.h. Written once, used by every CPU op.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
@@ -42,6 +43,21 @@ struct VecIO<float> {
     b.store(p + kVec);
   }
 };
+
+// The m < kStep values at p as two vectors, zero-padded; and the first m lanes of two vectors
+// stored at p: one vector step over the last values of a run.
+template <typename T>
+inline void load_padded(const T* p, int64_t m, Vec& a, Vec& b) {
+  T t[VecIO<T>::kStep] = {};
+  std::copy(p, p + m, t);
+  VecIO<T>::load(t, a, b);
+}
+template <typename T>
+inline void store_first(T* p, int64_t m, const Vec& a, const Vec& b) {
+  T t[VecIO<T>::kStep];
+  VecIO<T>::store(t, a, b);
+  std::copy(t, t + m, p);
+}
 
 // Outputs that are written once and not read back by the op. When the op's footprint (inputs and
 // outputs) is well beyond the last-level cache, y's lines are evicted before anyone reads them, and an
