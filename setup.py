@@ -4,7 +4,8 @@ Environment switches (all optional):
   GENKERN_CUDA=0|1        0 skips CUDA; 1 makes a missing toolkit an error; unset = auto.
   CUDA_HOME               the CUDA toolkit; found automatically from nvcc or /usr/local/cuda.
   TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;9.0+PTX" when no GPU is visible.
-  GENKERN_CPU_AVX2=0|1    compile the CPU kernels for AVX2+FMA; default: what this CPU supports.
+  GENKERN_CPU_ISA=avx512|avx2|none
+                          the vector ISA of the CPU kernels; default: the best this CPU supports.
   MAX_JOBS                parallel compile jobs (ninja).
 
 torch must already be installed: build with `pip install -e . --no-build-isolation`.
@@ -86,16 +87,27 @@ def _cuda_wanted():
     return home, reason
 
 
-def _cpu_avx2():
-    flag = os.environ.get("GENKERN_CPU_AVX2", "").strip()
-    if flag in ("0", "1"):
-        return flag == "1"
+# The CPU flags each ISA needs: the build's -m flags follow from them, and genkern/_extension.py
+# refuses to load a build whose flags the running CPU lacks (it would die of SIGILL instead).
+CPU_ISA_FLAGS = {
+    "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"],
+    "avx2": ["avx2", "fma", "f16c"],
+    "none": [],
+}
+
+
+def _cpu_isa():
+    wanted = os.environ.get("GENKERN_CPU_ISA", "").strip().lower()
+    if wanted:
+        if wanted not in CPU_ISA_FLAGS:
+            _die(f"GENKERN_CPU_ISA={wanted!r}: expected one of {', '.join(CPU_ISA_FLAGS)}.")
+        return wanted
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-        return "avx2" in flags and "fma" in flags
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
+        return "none"
+    return next(isa for isa, need in CPU_ISA_FLAGS.items() if set(need) <= flags)
 
 
 cuda_home, cuda_skip_reason = _cuda_wanted()
@@ -107,14 +119,13 @@ if cuda_home:
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-avx2 = _cpu_avx2()
-cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+cpu_isa = _cpu_isa()
+cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"] + [f"-m{flag}" for flag in CPU_ISA_FLAGS[cpu_isa]]
+if cpu_isa != "none":
+    # at::vec picks its AVX-512 / AVX2 specialisations from CPU_CAPABILITY_* (its inline namespace
+    # keeps them apart from torch's own copies); csrc/cpu/simd.h follows the same macros.
+    cxx_flags += [f"-DCPU_CAPABILITY={cpu_isa.upper()}", f"-DCPU_CAPABILITY_{cpu_isa.upper()}"]
 define_macros = []
-if avx2:
-    # at::vec picks its AVX2 specialisations from CPU_CAPABILITY_AVX2 (its inline namespace keeps
-    # them apart from torch's own copies).
-    cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    define_macros.append(("GENKERN_CPU_AVX2", "1"))
 
 sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
@@ -140,7 +151,8 @@ build_info = {
     "cuda_version": torch.version.cuda if cuda_home else None,
     "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda_home else None,
     "cuda_skipped_because": cuda_skip_reason,
-    "cpu_avx2": avx2,
+    "cpu_isa": cpu_isa,
+    "cpu_isa_flags": CPU_ISA_FLAGS[cpu_isa],
 }
 with open(os.path.join(ROOT, "genkern", "_build_info.json"), "w") as f:
     json.dump(build_info, f, indent=1)

@@ -13,8 +13,8 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
-#if defined(CPU_CAPABILITY_AVX2) && !defined(__CUDACC__)
-#include <immintrin.h>
+#if !defined(__CUDACC__)
+#include "cpu/simd.h"
 #endif
 
 #include "host_device.h"
@@ -79,66 +79,67 @@ GENKERN_UNROLL
   }
 }
 
-#if defined(CPU_CAPABILITY_AVX2) && !defined(__CUDACC__)
-// philox_uniform4 for 8 consecutive groups g0 .. g0+7 at once (AVX2): u[k] holds lane k of each.
+#if defined(GENKERN_SIMD)
+// philox_uniform4 on the CPU's vectors (cpu/simd.h: kLanes = 16 or 8 lanes), one group per lane.
 // The 32x32 -> 64-bit products come from vpmuludq on the even and the odd lanes separately.
 // The ten round keys of a seed, broadcast once per block rather than once per round.
-struct PhiloxKeysX8 {
-  __m256i k0[10], k1[10];
-  explicit PhiloxKeysX8(uint64_t seed) {
+struct PhiloxKeysV {
+  simd::I k0[10], k1[10];
+  explicit PhiloxKeysV(uint64_t seed) {
     uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
     for (int r = 0; r < 10; ++r, a += kPhiloxW0, b += kPhiloxW1) {
-      k0[r] = _mm256_set1_epi32(static_cast<int>(a));
-      k1[r] = _mm256_set1_epi32(static_cast<int>(b));
+      k0[r] = simd::splat(a);
+      k1[r] = simd::splat(b);
     }
   }
 };
 
-// One Philox round on 8 lanes.
-inline void philox_round_x8(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, __m256i k0, __m256i k1) {
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0)), m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  const __m256i p0e = _mm256_mul_epu32(c0, m0), p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
-  const __m256i p1e = _mm256_mul_epu32(c2, m1), p1o = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
-  const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0e, 32), p0o, 0xAA);
-  const __m256i lo0 = _mm256_blend_epi32(p0e, _mm256_slli_epi64(p0o, 32), 0xAA);
-  const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1e, 32), p1o, 0xAA);
-  const __m256i lo1 = _mm256_blend_epi32(p1e, _mm256_slli_epi64(p1o, 32), 0xAA);
-  c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), k0);
-  c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), k1);
+// One Philox round on every lane.
+inline void philox_round_v(simd::I& c0, simd::I& c1, simd::I& c2, simd::I& c3, simd::I k0, simd::I k1) {
+  using namespace simd;
+  const I m0 = splat(kPhiloxM0), m1 = splat(kPhiloxM1);
+  const I p0e = GK_MM(mul_epu32)(c0, m0), p0o = GK_MM(mul_epu32)(GK_MM(srli_epi64)(c0, 32), m0);
+  const I p1e = GK_MM(mul_epu32)(c2, m1), p1o = GK_MM(mul_epu32)(GK_MM(srli_epi64)(c2, 32), m1);
+  const I hi0 = interleave_lanes(GK_MM(srli_epi64)(p0e, 32), p0o);
+  const I lo0 = interleave_lanes(p0e, GK_MM(slli_epi64)(p0o, 32));
+  const I hi1 = interleave_lanes(GK_MM(srli_epi64)(p1e, 32), p1o);
+  const I lo1 = interleave_lanes(p1e, GK_MM(slli_epi64)(p1o, 32));
+  c0 = bit_xor(bit_xor(hi1, c1), k0);
+  c2 = bit_xor(bit_xor(hi0, c3), k1);
   c1 = lo1;
   c3 = lo0;
 }
 
-// Counter words (lo(g), hi(g)) of the 8 groups g0 .. g0+7; the low word may wrap once.
-inline void philox_counters_x8(uint64_t g0, __m256i& c0, __m256i& c1) {
-  const uint32_t lo = static_cast<uint32_t>(g0), hi = static_cast<uint32_t>(g0 >> 32);
-  const __m256i sign = _mm256_set1_epi32(INT32_MIN), vlo = _mm256_set1_epi32(static_cast<int>(lo));
-  c0 = _mm256_add_epi32(vlo, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(vlo, sign), _mm256_xor_si256(c0, sign));  // -1
-  c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(hi)), wrapped);
+// Counter words (lo(g), hi(g)) of the kLanes groups g0 .. g0 + kLanes - 1; the low word may wrap once.
+inline void philox_counters_v(uint64_t g0, simd::I& c0, simd::I& c1) {
+  using namespace simd;
+  const I vlo = splat(static_cast<uint32_t>(g0));
+  c0 = GK_MM(add_epi32)(vlo, lane_index());
+  c1 = GK_MM(add_epi32)(splat(static_cast<uint32_t>(g0 >> 32)), carry_of(c0, vlo));
 }
 
-inline __m256 philox_uniform_x8(__m256i r) {
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r, 9)), _mm256_set1_ps(1.1920928955078125e-07f),
-                         _mm256_set1_ps(5.9604644775390625e-08f));
+inline simd::F philox_uniform_v(simd::I r) {
+  using namespace simd;
+  return GK_MM(fmadd_ps)(GK_MM(cvtepi32_ps)(GK_MM(srli_epi32)(r, 9)), splat(1.1920928955078125e-07f),
+                         splat(5.9604644775390625e-08f));
 }
 
-// philox_uniform4 for the 16 groups g0 .. g0+15 (AVX2): u[k] / u[4 + k] hold lane k of groups
-// g0 .. g0+7 / g0+8 .. g0+15. Two independent 8-lane chains interleaved, so that the multiplier's
-// latency is hidden behind the other chain.
-inline void philox_uniform4_x16(const PhiloxKeysX8& keys, uint64_t offset, uint64_t g0, __m256 u[8]) {
-  __m256i a0, a1, b0, b1;
-  philox_counters_x8(g0, a0, a1);
-  philox_counters_x8(g0 + 8, b0, b1);
-  const __m256i o_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
-  const __m256i o_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
-  __m256i a2 = o_lo, a3 = o_hi, b2 = o_lo, b3 = o_hi;
+// philox_uniform4 for the 2 kLanes groups g0 .. g0 + 2 kLanes - 1: u[k] / u[4 + k] hold lane k of
+// the first / the second kLanes groups. Two independent chains interleaved, so that the
+// multiplier's latency is hidden behind the other chain.
+inline void philox_uniform4_2v(const PhiloxKeysV& keys, uint64_t offset, uint64_t g0, simd::F u[8]) {
+  using namespace simd;
+  I a0, a1, b0, b1;
+  philox_counters_v(g0, a0, a1);
+  philox_counters_v(g0 + kLanes, b0, b1);
+  const I o_lo = splat(static_cast<uint32_t>(offset)), o_hi = splat(static_cast<uint32_t>(offset >> 32));
+  I a2 = o_lo, a3 = o_hi, b2 = o_lo, b3 = o_hi;
   for (int round = 0; round < 10; ++round) {
-    philox_round_x8(a0, a1, a2, a3, keys.k0[round], keys.k1[round]);
-    philox_round_x8(b0, b1, b2, b3, keys.k0[round], keys.k1[round]);
+    philox_round_v(a0, a1, a2, a3, keys.k0[round], keys.k1[round]);
+    philox_round_v(b0, b1, b2, b3, keys.k0[round], keys.k1[round]);
   }
-  u[0] = philox_uniform_x8(a0), u[1] = philox_uniform_x8(a1), u[2] = philox_uniform_x8(a2), u[3] = philox_uniform_x8(a3);
-  u[4] = philox_uniform_x8(b0), u[5] = philox_uniform_x8(b1), u[6] = philox_uniform_x8(b2), u[7] = philox_uniform_x8(b3);
+  u[0] = philox_uniform_v(a0), u[1] = philox_uniform_v(a1), u[2] = philox_uniform_v(a2), u[3] = philox_uniform_v(a3);
+  u[4] = philox_uniform_v(b0), u[5] = philox_uniform_v(b1), u[6] = philox_uniform_v(b2), u[7] = philox_uniform_v(b3);
 }
 #endif
 

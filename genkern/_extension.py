@@ -26,6 +26,16 @@ def _read_build_info() -> dict | None:
         return None
 
 
+def _missing_cpu_flags(needed: list[str]) -> list[str]:
+    """The flags of `needed` that this CPU's /proc/cpuinfo does not list (none where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return []
+    return [flag for flag in needed if flag not in flags] if flags else []
+
+
 def _load() -> tuple[bool, str, dict]:
     if os.environ.get("GENKERN_DISABLE_EXTENSION", "") == "1":
         return False, "disabled by GENKERN_DISABLE_EXTENSION=1", {}
@@ -35,6 +45,12 @@ def _load() -> tuple[bool, str, dict]:
         # An ABI mismatch shows up as an undefined symbol at best; say what it really is.
         return False, (f"genkern._C was built against torch {built_for} but torch {torch.__version__} "
                        f"is installed; rebuild: {BUILD_HINT}"), info
+    missing = _missing_cpu_flags(info.get("cpu_isa_flags", []))
+    if missing:
+        # checked before loading: the first vector instruction would kill the process (SIGILL)
+        return False, (f"genkern._C was built for {info.get('cpu_isa')} but this CPU lacks "
+                       f"{', '.join(missing)}; rebuild it here (GENKERN_CPU_ISA=avx512|avx2|none selects "
+                       f"the ISA): {BUILD_HINT}"), info
     try:
         importlib.import_module("genkern._C")
     except ImportError as e:

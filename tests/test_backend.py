@@ -111,3 +111,17 @@ def test_extension_built_for_another_torch_is_reported_as_such(tmp_path):
     assert r.returncode == 0, r.stderr
     count, msg, ok = r.stdout.strip().splitlines()
     assert count == "1" and "built against torch 1.0.0" in msg and torch.__version__ in msg
+
+
+def test_extension_built_for_a_cpu_feature_this_cpu_lacks_is_not_loaded(tmp_path):
+    # loading it would end the process with SIGILL at the first vector instruction
+    dst = _copy_package(tmp_path, keep_extension=True)
+    info_path = dst / "_build_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info.update(cpu_isa="avx512", cpu_isa_flags=["avx512f", "no_such_cpu_flag"])
+    info_path.write_text(json.dumps(info))
+    r = _python(CHECK_FALLBACK, {"PYTHONPATH": str(tmp_path)}, str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    count, msg, ok = r.stdout.strip().splitlines()
+    assert count == "1" and "built for avx512" in msg and "no_such_cpu_flag" in msg and "GENKERN_CPU_ISA" in msg
+    assert ok == "ok"

@@ -68,82 +68,95 @@ inline void sincos_2pi(float u, float& sn, float& cs) {
   cs = ((qi + 1) & 2) ? -c_q : c_q;
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
-// log_unit and sincos_2pi on 8 lanes: the same operations, in the same order, as the scalar versions.
-inline __m256 log_unit_v(__m256 u) {
-  const __m256i off = _mm256_set1_epi32(0x3F3504F3);
-  const __m256i ix = _mm256_sub_epi32(_mm256_castps_si256(u), off);
-  const __m256 e = _mm256_cvtepi32_ps(_mm256_srai_epi32(ix, 23));
-  const __m256 m = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_and_si256(ix, _mm256_set1_epi32(0x007FFFFF)), off));
-  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f)), z = _mm256_mul_ps(f, f);
-  // P(f) by Estrin's scheme (as log_unit): a third of Horner's dependency chain
-  auto lin = [&](float a, float b) { return _mm256_fmadd_ps(_mm256_set1_ps(b), f, _mm256_set1_ps(a)); };
-  const __m256 f4 = _mm256_mul_ps(z, z), f8 = _mm256_mul_ps(f4, f4);
-  const __m256 e03 = _mm256_fmadd_ps(lin(kLogC[2], kLogC[3]), z, lin(kLogC[0], kLogC[1]));
-  const __m256 e47 = _mm256_fmadd_ps(lin(kLogC[6], kLogC[7]), z, lin(kLogC[4], kLogC[5]));
-  const __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kLogC[8]), f8, _mm256_fmadd_ps(e47, f4, e03));
-  __m256 y = _mm256_mul_ps(_mm256_mul_ps(f, z), p);
-  y = _mm256_fmadd_ps(_mm256_set1_ps(-0.5f), z, y);
-  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
-  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+#if defined(GENKERN_SIMD)
+// log_unit and sincos_2pi on every lane (cpu/simd.h): the same operations, in the same order, as the
+// scalar versions.
+inline simd::F log_unit_v(simd::F u) {
+  using namespace simd;
+  const I off = splat(0x3F3504F3u);
+  const I ix = GK_MM(sub_epi32)(as_int(u), off);
+  const F e = GK_MM(cvtepi32_ps)(GK_MM(srai_epi32)(ix, 23));
+  const F m = as_float(GK_MM(add_epi32)(bit_and(ix, splat(0x007FFFFFu)), off));
+  const F f = GK_MM(sub_ps)(m, splat(1.0f)), z = GK_MM(mul_ps)(f, f);
+  auto lin = [&](float a, float b) { return GK_MM(fmadd_ps)(splat(b), f, splat(a)); };
+  const F f4 = GK_MM(mul_ps)(z, z), f8 = GK_MM(mul_ps)(f4, f4);
+  const F e03 = GK_MM(fmadd_ps)(lin(kLogC[2], kLogC[3]), z, lin(kLogC[0], kLogC[1]));
+  const F e47 = GK_MM(fmadd_ps)(lin(kLogC[6], kLogC[7]), z, lin(kLogC[4], kLogC[5]));
+  const F p = GK_MM(fmadd_ps)(splat(kLogC[8]), f8, GK_MM(fmadd_ps)(e47, f4, e03));
+  F y = GK_MM(mul_ps)(GK_MM(mul_ps)(f, z), p);
+  y = GK_MM(fmadd_ps)(splat(-0.5f), z, y);
+  y = GK_MM(fmadd_ps)(e, splat(-2.12194440e-4f), y);
+  return GK_MM(fmadd_ps)(e, splat(0.693359375f), GK_MM(add_ps)(f, y));
 }
 
-inline void sincos_2pi_v(__m256 u, __m256& sn, __m256& cs) {
-  const __m256 v = _mm256_mul_ps(_mm256_set1_ps(4.0f), u);
-  const __m256 magic = _mm256_set1_ps(12582912.0f);
-  const __m256 qm = _mm256_add_ps(v, magic);  // q in the low mantissa bits
-  const __m256 a = _mm256_mul_ps(_mm256_sub_ps(v, _mm256_sub_ps(qm, magic)), _mm256_set1_ps(1.5707963267948966f));
-  const __m256 a2 = _mm256_mul_ps(a, a);
-  __m256 ps = _mm256_fmadd_ps(_mm256_set1_ps(-1.9515295891e-4f), a2, _mm256_set1_ps(8.3321608736e-3f));
-  ps = _mm256_fmadd_ps(ps, a2, _mm256_set1_ps(-1.6666654611e-1f));
-  const __m256 s = _mm256_fmadd_ps(_mm256_mul_ps(a, a2), ps, a);
-  __m256 pc = _mm256_fmadd_ps(_mm256_set1_ps(2.443315711809948e-5f), a2, _mm256_set1_ps(-1.388731625493765e-3f));
-  pc = _mm256_fmadd_ps(pc, a2, _mm256_set1_ps(4.166664568298827e-2f));
-  const __m256 c = _mm256_fmadd_ps(_mm256_mul_ps(a2, a2), pc, _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), a2, _mm256_set1_ps(1.0f)));
-  const __m256i q = _mm256_castps_si256(qm);
-  // bit 0 of q: swap sin and cos; bit 1: negate sin; bit 1 of q + 1: negate cos (sign bits moved to bit 31)
-  const __m256 odd = _mm256_castsi256_ps(_mm256_slli_epi32(q, 31));
-  const __m256 s_q = _mm256_blendv_ps(s, c, odd), c_q = _mm256_blendv_ps(c, s, odd);
-  const __m256 sign_s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(q, 1), 31));
-  const __m256 sign_c = _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_srli_epi32(_mm256_add_epi32(q, _mm256_set1_epi32(1)), 1), 31));
-  sn = _mm256_xor_ps(s_q, sign_s);
-  cs = _mm256_xor_ps(c_q, sign_c);
+inline void sincos_2pi_v(simd::F u, simd::F& sn, simd::F& cs) {
+  using namespace simd;
+  const F v = GK_MM(mul_ps)(splat(4.0f), u);
+  const F magic = splat(12582912.0f);
+  const F qm = GK_MM(add_ps)(v, magic);  // q in the low mantissa bits
+  const F a = GK_MM(mul_ps)(GK_MM(sub_ps)(v, GK_MM(sub_ps)(qm, magic)), splat(1.5707963267948966f));
+  const F a2 = GK_MM(mul_ps)(a, a);
+  F ps = GK_MM(fmadd_ps)(splat(-1.9515295891e-4f), a2, splat(8.3321608736e-3f));
+  ps = GK_MM(fmadd_ps)(ps, a2, splat(-1.6666654611e-1f));
+  const F s = GK_MM(fmadd_ps)(GK_MM(mul_ps)(a, a2), ps, a);
+  F pc = GK_MM(fmadd_ps)(splat(2.443315711809948e-5f), a2, splat(-1.388731625493765e-3f));
+  pc = GK_MM(fmadd_ps)(pc, a2, splat(4.166664568298827e-2f));
+  const F c = GK_MM(fmadd_ps)(GK_MM(mul_ps)(a2, a2), pc, GK_MM(fnmadd_ps)(splat(0.5f), a2, splat(1.0f)));
+  const I q = as_int(qm);
+  // quadrant q: odd swaps sin and cos; bit 1 of q negates sin, bit 1 of q + 1 negates cos
+  const F s_q = select_odd(q, c, s), c_q = select_odd(q, s, c);
+  const F sign_s = as_float(GK_MM(slli_epi32)(GK_MM(srli_epi32)(q, 1), 31));
+  const F sign_c = as_float(GK_MM(slli_epi32)(GK_MM(srli_epi32)(GK_MM(add_epi32)(q, splat(1u)), 1), 31));
+  sn = GK_MM(xor_ps)(s_q, sign_s);
+  cs = GK_MM(xor_ps)(c_q, sign_c);
 }
 
-// Box-Muller on lanes (u0, u1, u2, u3) of 8 groups, stored as their 32 normals in element order.
-inline void box_muller_x8(__m256 u0, __m256 u1, __m256 u2, __m256 u3, float* z) {
-  const __m256 m2 = _mm256_set1_ps(-2.0f);
-  const __m256 r01 = _mm256_sqrt_ps(_mm256_mul_ps(m2, log_unit_v(u0)));
-  const __m256 r23 = _mm256_sqrt_ps(_mm256_mul_ps(m2, log_unit_v(u2)));
-  __m256 s01, c01, s23, c23;
+// Box-Muller on lanes (u0, u1, u2, u3) of kLanes groups, stored as their 4 kLanes normals in element
+// order: a 4 x 4 transpose within each 128-bit block, then the blocks put in group order.
+inline void box_muller_v(simd::F u0, simd::F u1, simd::F u2, simd::F u3, float* z) {
+  using namespace simd;
+  const F m2 = splat(-2.0f);
+  const F r01 = GK_MM(sqrt_ps)(GK_MM(mul_ps)(m2, log_unit_v(u0)));
+  const F r23 = GK_MM(sqrt_ps)(GK_MM(mul_ps)(m2, log_unit_v(u2)));
+  F s01, c01, s23, c23;
   sincos_2pi_v(u1, s01, c01);
   sincos_2pi_v(u3, s23, c23);
-  const __m256 z0 = _mm256_mul_ps(r01, c01), z1 = _mm256_mul_ps(r01, s01);
-  const __m256 z2 = _mm256_mul_ps(r23, c23), z3 = _mm256_mul_ps(r23, s23);
-  // 4 x 8 transpose: lane k of group j goes to z[4 j + k]
-  const __m256 t0 = _mm256_unpacklo_ps(z0, z1), t1 = _mm256_unpackhi_ps(z0, z1);
-  const __m256 t2 = _mm256_unpacklo_ps(z2, z3), t3 = _mm256_unpackhi_ps(z2, z3);
-  const __m256 q0 = _mm256_shuffle_ps(t0, t2, 0x44), q1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 q2 = _mm256_shuffle_ps(t1, t3, 0x44), q3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const F z0 = GK_MM(mul_ps)(r01, c01), z1 = GK_MM(mul_ps)(r01, s01);
+  const F z2 = GK_MM(mul_ps)(r23, c23), z3 = GK_MM(mul_ps)(r23, s23);
+  // qk: block b holds the 4 normals of group 4 b + k
+  const F t0 = GK_MM(unpacklo_ps)(z0, z1), t1 = GK_MM(unpackhi_ps)(z0, z1);
+  const F t2 = GK_MM(unpacklo_ps)(z2, z3), t3 = GK_MM(unpackhi_ps)(z2, z3);
+  const F q0 = GK_MM(shuffle_ps)(t0, t2, 0x44), q1 = GK_MM(shuffle_ps)(t0, t2, 0xEE);
+  const F q2 = GK_MM(shuffle_ps)(t1, t3, 0x44), q3 = GK_MM(shuffle_ps)(t1, t3, 0xEE);
+#if defined(CPU_CAPABILITY_AVX512)
+  // output vector b = block b of q0, q1, q2, q3
+  const F r0 = _mm512_shuffle_f32x4(q0, q1, 0x44), r1 = _mm512_shuffle_f32x4(q2, q3, 0x44);
+  const F r2 = _mm512_shuffle_f32x4(q0, q1, 0xEE), r3 = _mm512_shuffle_f32x4(q2, q3, 0xEE);
+  _mm512_storeu_ps(z, _mm512_shuffle_f32x4(r0, r1, 0x88));
+  _mm512_storeu_ps(z + 16, _mm512_shuffle_f32x4(r0, r1, 0xDD));
+  _mm512_storeu_ps(z + 32, _mm512_shuffle_f32x4(r2, r3, 0x88));
+  _mm512_storeu_ps(z + 48, _mm512_shuffle_f32x4(r2, r3, 0xDD));
+#else
   _mm256_storeu_ps(z, _mm256_permute2f128_ps(q0, q1, 0x20));
   _mm256_storeu_ps(z + 8, _mm256_permute2f128_ps(q2, q3, 0x20));
   _mm256_storeu_ps(z + 16, _mm256_permute2f128_ps(q0, q1, 0x31));
   _mm256_storeu_ps(z + 24, _mm256_permute2f128_ps(q2, q3, 0x31));
+#endif
 }
 #endif
 
 // z[0 .. 4 * groups) = the normals of Philox groups g0 .. g0 + groups of the stream (seed, offset).
 void philox_normal_block(uint64_t seed, uint64_t offset, uint64_t g0, int64_t groups, float* z) {
   int64_t j = 0;
-#if defined(CPU_CAPABILITY_AVX2)
-  if (groups >= 16) {
-    const PhiloxKeysX8 keys(seed);
-    for (; j + 16 <= groups; j += 16) {
-      __m256 u[8];
-      philox_uniform4_x16(keys, offset, g0 + j, u);
-      box_muller_x8(u[0], u[1], u[2], u[3], z + 4 * j);
-      box_muller_x8(u[4], u[5], u[6], u[7], z + 4 * j + 32);
+#if defined(GENKERN_SIMD)
+  constexpr int64_t kL = simd::kLanes;
+  if (groups >= 2 * kL) {
+    const PhiloxKeysV keys(seed);
+    for (; j + 2 * kL <= groups; j += 2 * kL) {
+      simd::F u[8];
+      philox_uniform4_2v(keys, offset, g0 + j, u);
+      box_muller_v(u[0], u[1], u[2], u[3], z + 4 * j);
+      box_muller_v(u[4], u[5], u[6], u[7], z + 4 * j + 4 * kL);
     }
   }
 #endif

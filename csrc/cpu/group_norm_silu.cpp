@@ -718,18 +718,9 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
 // ---------------------------------------------------------------------------------------------
 // Op entry points (registered below for the CPU dispatch key).
 
-void check_cpu_isa() {
-#if defined(GENKERN_CPU_AVX2)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  TORCH_CHECK(ok, "genkern._C was built for AVX2+FMA but this CPU lacks them; rebuild with "
-                  "GENKERN_CPU_AVX2=0 pip install -e . --no-build-isolation");
-#endif
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     int64_t num_groups, double eps, c10::string_view activation) {
-  check_cpu_isa();
   ForwardCall c = prepare_forward(x_in, weight, bias, num_groups, eps, activation);
   if (c.x.numel() == 0) return {c.y, c.mean, c.rstd};
   const at::Tensor w = param_or(weight, c.x, 1.f), b = param_or(bias, c.x, 0.f);
@@ -749,7 +740,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward(
     const at::Tensor& grad_y, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& rstd_in,
     int64_t num_groups, c10::string_view activation) {
-  check_cpu_isa();
   BackwardCall c = prepare_backward(grad_y, x_in, weight, bias, mean_in, rstd_in, num_groups, activation);
   const GroupNormShape& s = c.s;
   const auto opts = c.x.options();

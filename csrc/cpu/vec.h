@@ -13,6 +13,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "activation.h"
+#include "cpu/simd.h"
 
 namespace genkern::cpu {
 
@@ -94,17 +95,17 @@ inline int64_t last_level_cache_bytes() {
 }
 inline bool stream_outputs(int64_t footprint_bytes) { return footprint_bytes >= 2 * last_level_cache_bytes(); }
 
-// VecIO<T>::store, or a streaming store when `stream` and p is 32-byte aligned. A task that streamed
-// calls stream_fence() before it ends (streaming stores are weakly ordered).
+// VecIO<T>::store, or a streaming store when `stream` and p is aligned to a vector. A task that
+// streamed calls stream_fence() before it ends (streaming stores are weakly ordered).
 template <typename T>
 inline void store_out(T* p, const Vec& a, const Vec& b, bool stream) {
-#if defined(CPU_CAPABILITY_AVX2)
-  if (stream && reinterpret_cast<uintptr_t>(p) % 32 == 0) {
+#if defined(GENKERN_SIMD)
+  if (stream && reinterpret_cast<uintptr_t>(p) % sizeof(simd::F) == 0) {
     if constexpr (std::is_same_v<T, float>) {
-      _mm256_stream_ps(p, a);
-      _mm256_stream_ps(p + kVec, b);
+      GK_MM(stream_ps)(p, a);
+      GK_MM(stream_ps)(p + kVec, b);
     } else {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(a, b));
+      simd::stream(reinterpret_cast<simd::I*>(p), at::vec::convert_from_float<T>(a, b));
     }
     return;
   }
@@ -113,7 +114,7 @@ inline void store_out(T* p, const Vec& a, const Vec& b, bool stream) {
 }
 
 inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(GENKERN_SIMD)
   _mm_sfence();
 #endif
 }
@@ -170,23 +171,25 @@ struct Exp2Parts {
 };
 
 inline Exp2Parts exp2_reduce(const Vec& t) {
-#if defined(CPU_CAPABILITY_AVX2)
-  const __m256 v = _mm256_max_ps(_mm256_min_ps(t, _mm256_set1_ps(126.f)), _mm256_set1_ps(-126.f));
-  const __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return {Vec(_mm256_sub_ps(v, r)), Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtps_epi32(r), 23)))};
+#if defined(GENKERN_SIMD)
+  using namespace simd;
+  const F v = GK_MM(max_ps)(GK_MM(min_ps)(t, splat(126.f)), splat(-126.f));
+  const F r = round_nearest(v);
+  return {Vec(GK_MM(sub_ps)(v, r)), Vec(as_float(GK_MM(slli_epi32)(GK_MM(cvtps_epi32)(r), 23)))};
 #else
   return {at::vec::clamp(t, Vec(-126.f), Vec(126.f)), Vec(0.f)};
 #endif
 }
 
 inline Vec exp2_finish(const Exp2Parts& e) {
-#if defined(CPU_CAPABILITY_AVX2)
-  const __m256 f = e.f, f2 = _mm256_mul_ps(f, f);
-  auto lin = [&](float c0, float c1) { return _mm256_fmadd_ps(_mm256_set1_ps(c1), f, _mm256_set1_ps(c0)); };
-  __m256 p = _mm256_fmadd_ps(lin(9.671512991189957e-3f, 1.326472731307149e-3f), f2,
-                             lin(2.4022242426872253e-1f, 5.550733581185341e-2f));
-  p = _mm256_fmadd_ps(p, f2, lin(1.f, 6.931470036506653e-1f));
-  return Vec(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_castps_si256(e.n))));
+#if defined(GENKERN_SIMD)
+  using namespace simd;
+  const F f = e.f, f2 = GK_MM(mul_ps)(f, f);
+  auto lin = [&](float c0, float c1) { return GK_MM(fmadd_ps)(splat(c1), f, splat(c0)); };
+  F p = GK_MM(fmadd_ps)(lin(9.671512991189957e-3f, 1.326472731307149e-3f), f2,
+                        lin(2.4022242426872253e-1f, 5.550733581185341e-2f));
+  p = GK_MM(fmadd_ps)(p, f2, lin(1.f, 6.931470036506653e-1f));
+  return Vec(as_float(GK_MM(add_epi32)(as_int(p), as_int(e.n))));
 #else
   return (e.f * Vec(0.6931471805599453f)).exp();
 #endif
@@ -200,10 +203,11 @@ inline Vec exp_neg(const Vec& u) { return exp2_clamped(u * Vec(-kLog2e)); }
 
 // sigmoid(u) = 1 / (1 + e) from e = exp_neg(u)
 inline Vec sigmoid_from_exp(const Vec& e) {
-#if defined(CPU_CAPABILITY_AVX2)
-  const __m256 d = _mm256_add_ps(e, _mm256_set1_ps(1.f));
-  const __m256 rc = _mm256_rcp_ps(d);
-  return Vec(_mm256_mul_ps(rc, _mm256_fnmadd_ps(d, rc, _mm256_set1_ps(2.f))));
+#if defined(GENKERN_SIMD)
+  using namespace simd;
+  const F d = GK_MM(add_ps)(e, splat(1.f));
+  const F rc = rcp_estimate(d);
+  return Vec(GK_MM(mul_ps)(rc, GK_MM(fnmadd_ps)(d, rc, splat(2.f))));
 #else
   return Vec(1.f) / (Vec(1.f) + e);
 #endif
@@ -212,10 +216,11 @@ inline Vec sigmoid_from_exp(const Vec& e) {
 // silu(u) = u / (1 + e) from e = exp_neg(u), the Newton step of the reciprocal applied to the
 // product (one dependent multiply fewer than u times sigmoid_from_exp).
 inline Vec silu_from_exp(const Vec& u, const Vec& e) {
-#if defined(CPU_CAPABILITY_AVX2)
-  const __m256 d = _mm256_add_ps(e, _mm256_set1_ps(1.f));
-  const __m256 rc = _mm256_rcp_ps(d);
-  return Vec(_mm256_mul_ps(_mm256_mul_ps(u, rc), _mm256_fnmadd_ps(d, rc, _mm256_set1_ps(2.f))));
+#if defined(GENKERN_SIMD)
+  using namespace simd;
+  const F d = GK_MM(add_ps)(e, splat(1.f));
+  const F rc = rcp_estimate(d);
+  return Vec(GK_MM(mul_ps)(GK_MM(mul_ps)(u, rc), GK_MM(fnmadd_ps)(d, rc, splat(2.f))));
 #else
   return u / (Vec(1.f) + e);
 #endif
