@@ -212,17 +212,16 @@ C10_ALWAYS_INLINE int64_t silu_two_pass(const T* x, int64_t n, const F& f, Prefe
 }
 
 // The last m < kStep values of a run, at i, as one vector step (vec.h: load_padded): x and the
-// affine parameters, zero in the padding lanes. A scalar exp per value cost more than the step (a
+// affine parameters, x zero in the padding lanes. A scalar exp per value cost more than the step (a
 // group of 7x7 maps with 8 channels ends in 8 of them).
 struct PaddedAffine {
   Vec x[2], mu[2], a[2], b[2];
   template <typename T, typename F>
-  PaddedAffine(const T* x_, int64_t i, int64_t m, const F& f) {
-    alignas(32) float pm[2 * kVec] = {}, pa[2 * kVec] = {}, pb[2 * kVec] = {};
-    for (int64_t j = 0; j < m; ++j) pm[j] = f.mu.at(i + j), pa[j] = f.a.at(i + j), pb[j] = f.b.at(i + j);
+  C10_ALWAYS_INLINE PaddedAffine(const T* x_, int64_t i, int64_t m, const F& f) {
     load_padded(x_ + i, m, x[0], x[1]);
-    for (int h = 0; h < 2; ++h)
-      mu[h] = Vec::loadu(pm + h * kVec), a[h] = Vec::loadu(pa + h * kVec), b[h] = Vec::loadu(pb + h * kVec);
+    f.mu.padded(i, m, mu[0], mu[1]);
+    f.a.padded(i, m, a[0], a[1]);
+    f.b.padded(i, m, b[0], b[1]);
   }
 };
 
