@@ -16,6 +16,11 @@ namespace genkern::cpu {
 namespace {
 
 constexpr int64_t kChunk = 1024;
+// The last L % kStep positions of a chunk take one padded vector step (vec.h: load_padded), which
+// reads and writes the per-position buffers up to the next multiple of kStep: they hold kChunk, a
+// multiple of it, and are zero beyond L. A scalar walk instead made 4x4 maps (16 positions, all
+// tail with AVX-512's 32-value steps) a scalar kernel.
+static_assert(kChunk % (2 * kVec) == 0, "pad_to_step");
 
 // Small maps (P = S * kStep <= 64 positions, ProGAN's 4x4 and 8x8 layers): the whole chunk's sums
 // live in 2 * S registers, so each channel row costs loads and FMAs only; the general loop below
@@ -72,7 +77,12 @@ void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t 
       (Vec::loadu(acc + i) + a * a).store(acc + i);
       (Vec::loadu(acc + i + kVec) + b * b).store(acc + i + kVec);
     }
-    for (; i < L; ++i) acc[i] += static_cast<float>(row[i]) * static_cast<float>(row[i]);
+    if (i < L) {  // padded step: zeros add nothing to acc
+      Vec a, b;
+      load_padded(row + i, L - i, a, b);
+      (Vec::loadu(acc + i) + a * a).store(acc + i);
+      (Vec::loadu(acc + i + kVec) + b * b).store(acc + i + kVec);
+    }
   }
   for (int64_t i = 0; i < L; ++i) acc[i] = rstd[p0 + i] = 1.0f / std::sqrt(acc[i] / static_cast<float>(C) + eps);
   for (int64_t c = 0; c < C; ++c) {
@@ -84,7 +94,11 @@ void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t 
       IO::load(row + i, a, b);
       store_out(out + i, a * Vec::loadu(acc + i), b * Vec::loadu(acc + i + kVec), stream);
     }
-    for (; i < L; ++i) out[i] = static_cast<T>(static_cast<float>(row[i]) * acc[i]);
+    if (i < L) {
+      Vec a, b;
+      load_padded(row + i, L - i, a, b);
+      store_first(out + i, L - i, a * Vec::loadu(acc + i), b * Vec::loadu(acc + i + kVec));
+    }
   }
 }
 
@@ -103,13 +117,20 @@ void backward_chunk(const T* dy, const T* x, const float* rstd, T* dx, int64_t C
       (Vec::loadu(dot + i) + ga * va).store(dot + i);
       (Vec::loadu(dot + i + kVec) + gb * vb).store(dot + i + kVec);
     }
-    for (; i < L; ++i) dot[i] += static_cast<float>(g[i]) * static_cast<float>(v[i]);
+    if (i < L) {
+      Vec ga, gb, va, vb;
+      load_padded(g + i, L - i, ga, gb);
+      load_padded(v + i, L - i, va, vb);
+      (Vec::loadu(dot + i) + ga * va).store(dot + i);
+      (Vec::loadu(dot + i + kVec) + gb * vb).store(dot + i + kVec);
+    }
   }
   alignas(64) float r[kChunk], k[kChunk];
   for (int64_t i = 0; i < L; ++i) {
     r[i] = rstd[p0 + i];
     k[i] = r[i] * r[i] * r[i] * dot[i] / static_cast<float>(C);  // dx = r dy - k x
   }
+  for (int64_t i = L; i < std::min(kChunk, (L + 2 * kVec - 1) / (2 * kVec) * (2 * kVec)); ++i) r[i] = k[i] = 0.f;
   for (int64_t c = 0; c < C; ++c) {
     const T *g = dy + c * P + p0, *v = x + c * P + p0;
     T* out = dx + c * P + p0;
@@ -121,8 +142,13 @@ void backward_chunk(const T* dy, const T* x, const float* rstd, T* dx, int64_t C
       store_out(out + i, Vec::loadu(r + i) * ga - Vec::loadu(k + i) * va,
                 Vec::loadu(r + i + kVec) * gb - Vec::loadu(k + i + kVec) * vb, stream);
     }
-    for (; i < L; ++i)
-      out[i] = static_cast<T>(r[i] * static_cast<float>(g[i]) - k[i] * static_cast<float>(v[i]));
+    if (i < L) {
+      Vec ga, gb, va, vb;
+      load_padded(g + i, L - i, ga, gb);
+      load_padded(v + i, L - i, va, vb);
+      store_first(out + i, L - i, Vec::loadu(r + i) * ga - Vec::loadu(k + i) * va,
+                  Vec::loadu(r + i + kVec) * gb - Vec::loadu(k + i + kVec) * vb);
+    }
   }
 }
 
