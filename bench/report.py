@@ -127,7 +127,8 @@ def environment(device):
     return dict(date=datetime.date.today().isoformat(), device=device, device_name=device_name(device),
                 torch=torch.__version__, triton=triton_version, python=platform.python_version(),
                 threads=torch.get_num_threads(), genkern=genkern.__version__,
-                backends=list(genkern.backends(device)))
+                backends=list(genkern.backends(device)),
+                cpu_isa=genkern._extension.BUILD_INFO.get("cpu_isa"))  # what the CPU kernels were built for
 
 
 def chart(rows, path, title):

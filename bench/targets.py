@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 
-# op, pass, minimum speedup over eager, why it is missed when it is (CPU: the 2-core AVX2 EPYC of CI)
+# op, pass, minimum speedup over eager, why it is missed when it is (CPU: the 2-core machines of CI, an
+# AVX2 AMD EPYC until 2026-11-23, since then an AVX-512 Intel Xeon; README, Results (CPU))
 CPU_VS_EAGER = [
     ("group_norm_silu", "fwd", 2.0,
-     "compute-bound on the float32 SiLU: ~10 cycles per 8 values on this core (~80% of the kernel's time; "
+     "compute-bound: on the Xeon one thread runs statistics and SiLU at 0.35 ns per value in L2, and "
+     "eager's own time swings 2x between runs (0.40-0.90 ms at 16x256x16x16), which moves the ratio; on "
+     "the EPYC the float32 SiLU took ~10 cycles per 8 values (~80% of the kernel's time; "
      "the statistics pass and the row loop the rest), its exponential's dependency chain longer than the "
      "out-of-order window hides (vec.h: exp2_clamped); channels-last also loads per-channel parameters "
      "per vector and reads a whole sample, not an L1-sized group, in its second pass; eager's group_norm is "
@@ -26,13 +29,15 @@ CPU_VS_EAGER = [
      "the backward recomputes exp(-u) for SiLU' and reads x and dy twice; compute-bound as the forward"),
     ("ddpm_step", "fwd", 4.0,
      "Philox4x32-10 and Box-Muller are ~80% of the fused step (compute-bound); the ratio moves with the "
-     "speed of eager's randn_like on the machine (3.3-5.5x over eight runs on 2026-11-23)"),
+     "speed of eager's randn_like on the machine (3.3-5.5x over eight runs on the EPYC; on the Xeon "
+     "3.7-3.8x with the AVX2 build, 4.4-4.7x with AVX-512)"),
     ("ddpm_step cfg", "fwd", 4.0,
      "as ddpm_step: the in-kernel noise is the cost"),
     ("pixel_norm", "fwd", 3.0,
-     "at or near copy bandwidth: the fastest read-once write-once pass this machine runs (a streaming-"
+     "at or near copy bandwidth: the fastest read-once write-once pass the EPYC runs (a streaming-"
      "store copy from cold caches) is 2.9x eager at 16x512x32x32, and a copy in the same loop as eager "
-     "~2.4x at 64x512x8x8, whose maps fit the L3 (eager's five passes partly hit the cache)"),
+     "~2.4x at 64x512x8x8, whose maps fit the L3 (eager's five passes partly hit the cache); on the Xeon "
+     "a copy in the same loop is 2.5-2.9x eager at both shapes"),
     ("minibatch_stddev", "fwd", 3.0,
      "one read of x and one write of the output, as a copy"),
     ("gradient_penalty", "fwd+bwd", 2.0,
