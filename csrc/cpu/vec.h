@@ -47,9 +47,10 @@ struct VecIO<float> {
 
 // The m < kStep values at p as two vectors, zero-padded; and the first m lanes of two vectors
 // stored at p: one vector step over the last values of a run. With SIMD, at::vec's partial loads and
-// stores (masked on AVX-512; AVX2 goes through a zeroed buffer as the plain build does here).
+// stores (masked on AVX-512; AVX2 goes through a zeroed buffer as the plain build does here). Always
+// inlined: called, they were a quarter of a 4x4 pixel norm.
 template <typename T>
-inline void load_padded(const T* p, int64_t m, Vec& a, Vec& b) {
+C10_ALWAYS_INLINE void load_padded(const T* p, int64_t m, Vec& a, Vec& b) {
 #if defined(GENKERN_SIMD)
   if constexpr (std::is_same_v<T, float>) {
     a = Vec::loadu(p, std::min(m, kVec));
@@ -64,7 +65,7 @@ inline void load_padded(const T* p, int64_t m, Vec& a, Vec& b) {
 #endif
 }
 template <typename T>
-inline void store_first(T* p, int64_t m, const Vec& a, const Vec& b) {
+C10_ALWAYS_INLINE void store_first(T* p, int64_t m, const Vec& a, const Vec& b) {
 #if defined(GENKERN_SIMD)
   if constexpr (std::is_same_v<T, float>) {
     a.store(p, std::min(m, kVec));
