@@ -38,6 +38,11 @@ inline I lane_index() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1
 // 1 in the lanes where the unsigned sum a + b wrapped (a + b < b), else 0
 inline I carry_of(I sum, I b) { return _mm512_maskz_set1_epi32(_mm512_cmplt_epu32_mask(sum, b), 1); }
 inline void stream(I* p, I v) { _mm512_stream_si512(p, v); }
+// p 2^n for an integral float n in [-126, 126], in two parts: pow2_operand(n) once the reduction has
+// n, times_pow2(p, that) after the polynomial. AVX-512 scales in one instruction (vscalefps); AVX2
+// adds n to the exponent bits (convert, shift, integer add).
+inline F pow2_operand(F n) { return n; }
+inline F times_pow2(F p, F n) { return _mm512_scalef_ps(p, n); }
 #else
 #define GK_MM(op) _mm256_##op
 using F = __m256;
@@ -58,6 +63,8 @@ inline I carry_of(I sum, I b) {
   return _mm256_srli_epi32(_mm256_cmpgt_epi32(_mm256_xor_si256(b, sign), _mm256_xor_si256(sum, sign)), 31);
 }
 inline void stream(I* p, I v) { _mm256_stream_si256(p, v); }
+inline F pow2_operand(F n) { return as_float(_mm256_slli_epi32(_mm256_cvtps_epi32(n), 23)); }
+inline F times_pow2(F p, F n_bits) { return as_float(_mm256_add_epi32(as_int(p), as_int(n_bits))); }
 #endif
 
 inline F splat(float v) { return GK_MM(set1_ps)(v); }

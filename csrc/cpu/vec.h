@@ -196,7 +196,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 // add-subtract rounding trick, and log2(e) folded into the caller's FMA took 16 -> 12 cycles per 8
 // values (one thread, in L1); the pipelining and exp(-u) 12.0 -> 10.3.
 struct Exp2Parts {
-  Vec f, n;  // 2^t = 2^f 2^n; n holds the integer n already shifted into a float's exponent bits
+  Vec f, n;  // 2^t = 2^f 2^n; n as simd::times_pow2 takes it (simd::pow2_operand)
 };
 
 inline Exp2Parts exp2_reduce(const Vec& t) {
@@ -204,7 +204,7 @@ inline Exp2Parts exp2_reduce(const Vec& t) {
   using namespace simd;
   const F v = GK_MM(max_ps)(GK_MM(min_ps)(t, splat(126.f)), splat(-126.f));
   const F r = round_nearest(v);
-  return {Vec(GK_MM(sub_ps)(v, r)), Vec(as_float(GK_MM(slli_epi32)(GK_MM(cvtps_epi32)(r), 23)))};
+  return {Vec(GK_MM(sub_ps)(v, r)), Vec(pow2_operand(r))};
 #else
   return {at::vec::clamp(t, Vec(-126.f), Vec(126.f)), Vec(0.f)};
 #endif
@@ -218,7 +218,7 @@ inline Vec exp2_finish(const Exp2Parts& e) {
   F p = GK_MM(fmadd_ps)(lin(9.671512991189957e-3f, 1.326472731307149e-3f), f2,
                         lin(2.4022242426872253e-1f, 5.550733581185341e-2f));
   p = GK_MM(fmadd_ps)(p, f2, lin(1.f, 6.931470036506653e-1f));
-  return Vec(as_float(GK_MM(add_epi32)(as_int(p), as_int(e.n))));
+  return Vec(times_pow2(p, e.n));
 #else
   return (e.f * Vec(0.6931471805599453f)).exp();
 #endif
