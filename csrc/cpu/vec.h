@@ -94,22 +94,35 @@ C10_ALWAYS_INLINE void store_first(T* p, int64_t m, const Vec& a, const Vec& b) 
 // The last-level cache this thread shares, from Linux sysfs (what lscpu shows: the cache of one
 // core complex; glibc's sysconf reports the whole package's L3 on AMD parts, 16x too much for the
 // decision below); 16 MiB when sysfs is absent. GENKERN_LLC_BYTES overrides both.
+// The largest cache of cpu0 at `min_level` or above, from sysfs; 0 when sysfs is absent.
+inline int64_t sysfs_cache_bytes(int min_level, int max_level) {
+  int64_t best = 0;
+  for (int i = 0; i < 8; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream level(dir + "level"), size(dir + "size");
+    int lv = 0;
+    std::string sz;
+    if (!(level >> lv) || !(size >> sz) || sz.empty()) continue;
+    int64_t v = std::atoll(sz.c_str());
+    if (sz.back() == 'K') v <<= 10;
+    if (sz.back() == 'M') v <<= 20;
+    if (lv >= min_level && lv <= max_level && v > best) best = v;
+  }
+  return best;
+}
 inline int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
     if (const char* env = std::getenv("GENKERN_LLC_BYTES")) return static_cast<int64_t>(std::atoll(env));
-    int64_t best = 0;
-    for (int i = 0; i < 8; ++i) {
-      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
-      std::ifstream level(dir + "level"), size(dir + "size");
-      int lv = 0;
-      std::string sz;
-      if (!(level >> lv) || !(size >> sz) || sz.empty()) continue;
-      int64_t v = std::atoll(sz.c_str());
-      if (sz.back() == 'K') v <<= 10;
-      if (sz.back() == 'M') v <<= 20;
-      if (lv >= 2 && v > best) best = v;
-    }
-    return best > 0 ? best : int64_t{16} << 20;
+    const int64_t b = sysfs_cache_bytes(2, 9);
+    return b > 0 ? b : int64_t{16} << 20;
+  }();
+  return bytes;
+}
+// A core's own L2 (512 KB on the EPYC, 2 MB on the Xeon); 512 KB when sysfs is absent.
+inline int64_t core_cache_bytes() {
+  static const int64_t bytes = [] {
+    const int64_t b = sysfs_cache_bytes(2, 2);
+    return b > 0 ? b : int64_t{512} << 10;
   }();
   return bytes;
 }
