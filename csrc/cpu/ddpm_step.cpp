@@ -78,6 +78,7 @@ inline simd::F log_unit_v(simd::F u) {
   const F e = GK_MM(cvtepi32_ps)(GK_MM(srai_epi32)(ix, 23));
   const F m = as_float(GK_MM(add_epi32)(bit_and(ix, splat(0x007FFFFFu)), off));
   const F f = GK_MM(sub_ps)(m, splat(1.0f)), z = GK_MM(mul_ps)(f, f);
+  // P(f) by Estrin's scheme (as log_unit): a third of Horner's dependency chain
   auto lin = [&](float a, float b) { return GK_MM(fmadd_ps)(splat(b), f, splat(a)); };
   const F f4 = GK_MM(mul_ps)(z, z), f8 = GK_MM(mul_ps)(f4, f4);
   const F e03 = GK_MM(fmadd_ps)(lin(kLogC[2], kLogC[3]), z, lin(kLogC[0], kLogC[1]));

@@ -91,10 +91,8 @@ C10_ALWAYS_INLINE void store_first(T* p, int64_t m, const Vec& a, const Vec& b) 
 // written. Light loops only: GroupNorm+SiLU streams y from the light second loop of its two-pass
 // SiLU, which writes 1 KB runs (4x512x64x64 forward 3.2-3.4 -> 2.9 ms, channels-last 5.3-5.4 ->
 // 4.6-4.8 ms with whole samples shared by the threads; backward 4-12% faster at that shape).
-// The last-level cache this thread shares, from Linux sysfs (what lscpu shows: the cache of one
-// core complex; glibc's sysconf reports the whole package's L3 on AMD parts, 16x too much for the
-// decision below); 16 MiB when sysfs is absent. GENKERN_LLC_BYTES overrides both.
-// The largest cache of cpu0 at `min_level` or above, from sysfs; 0 when sysfs is absent.
+// The largest cache of cpu0 with a level in [min_level, max_level], from Linux sysfs (what lscpu
+// shows); 0 when sysfs is absent.
 inline int64_t sysfs_cache_bytes(int min_level, int max_level) {
   int64_t best = 0;
   for (int i = 0; i < 8; ++i) {
@@ -110,6 +108,9 @@ inline int64_t sysfs_cache_bytes(int min_level, int max_level) {
   }
   return best;
 }
+// The last-level cache this thread shares, from sysfs (on AMD parts the cache of one core complex;
+// glibc's sysconf reports the whole package's L3 there, 16x too much for the decision below); 16 MiB
+// when sysfs is absent. GENKERN_LLC_BYTES overrides both.
 inline int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
     if (const char* env = std::getenv("GENKERN_LLC_BYTES")) return static_cast<int64_t>(std::atoll(env));
