@@ -50,6 +50,17 @@ def test_gpu_targets_use_the_roofline_fractions():
     assert not by[("pixel_norm 64x512x32x32 nchw float32 fwd", "vs torch.compile")]["met"]  # 1.05 < 1.1
 
 
+def test_a_miss_by_a_hair_does_not_print_as_the_target():
+    rows = [_row("pixel_norm", "16x512x32x32", "fwd+bwd", "genkern[cpu]", 3.3, 1.8, frac_copy=0.5997),
+            _row("group_norm_silu", "16x256x16x16", "fwd", "genkern[cpu]", 1.996, 2.3)]
+    checks = targets.check(rows, "cpu", "cpu")
+    misses = [c for c in checks if not c["met"]]
+    assert {c["what"] for c in misses} == {"of copy bandwidth", "vs eager"}
+    text = targets.summary_text(checks)
+    assert "59.9% of copy bandwidth (target 60%)" in text and "1.99x vs eager (target 2.00x)" in text
+    assert "| 59.9% | no |" in targets.summary_markdown(checks)
+
+
 def test_python_m_bench_writes_rows_and_targets(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bench", "--ops", "gradient_penalty", "--no-compile",
                           "--budget", "0.05", "--device", "cpu", "--out", str(tmp_path)],
