@@ -338,7 +338,17 @@ inline void grad_apply(const T* x, const float* du, T* dx, int64_t n, PM mu, P1 
     }
     store_out(dx + i, x2[0], x2[1], stream);
   }
-  for (; i < n; ++i) dx[i] = static_cast<T>(k1.at(i) * du[i] + k2.at(i) * (static_cast<float>(x[i]) - mu.at(i)) + k3.at(i));
+  if (const int64_t m = n - i; m > 0) {  // the last values as one padded step
+    Vec x2[2], d2[2], m2[2], a2[2], b2[2], c2[2];
+    load_padded(x + i, m, x2[0], x2[1]);
+    load_padded(du + i, m, d2[0], d2[1]);
+    mu.padded(i, m, m2[0], m2[1]);
+    k1.padded(i, m, a2[0], a2[1]);
+    k2.padded(i, m, b2[0], b2[1]);
+    k3.padded(i, m, c2[0], c2[1]);
+    for (int h = 0; h < 2; ++h) x2[h] = at::vec::fmadd(a2[h], d2[h], at::vec::fmadd(b2[h], x2[h] - m2[h], c2[h]));
+    store_first(dx + i, m, x2[0], x2[1]);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -440,10 +450,16 @@ void row_grad_sums(const T* x, const float* du, int64_t D, int64_t L, float mu, 
       s1 = at::vec::fmadd(gb, xb - vm, s1);
       s2 = s2 + ga + gb;
     }
-    float t1 = hsum(s1), t2 = hsum(s2);
-    for (; i < L; ++i) t1 += g[i] * (static_cast<float>(xr[i]) - mu), t2 += g[i];
-    dsc[d] += t1;
-    db[d] += t2;
+    if (i < L) {  // the row's last values as one padded step: zero du in the padding adds nothing
+      Vec xa, xb, ga, gb;
+      load_padded(xr + i, L - i, xa, xb);
+      load_padded(g + i, L - i, ga, gb);
+      s1 = at::vec::fmadd(ga, xa - vm, s1);
+      s1 = at::vec::fmadd(gb, xb - vm, s1);
+      s2 = s2 + ga + gb;
+    }
+    dsc[d] += hsum(s1);
+    db[d] += hsum(s2);
   }
 }
 
