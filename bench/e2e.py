@@ -19,6 +19,7 @@ drift term, backward and an Adam step; fused = genkern's pixel norm / minibatch 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import time
@@ -28,6 +29,8 @@ import torch
 import genkern
 from genkern.diffusion import DDPMScheduler, sample
 from models.unet import UNet
+
+from .harness import device_name
 
 
 def eager_sample(model, sched, shape, device, dtype, seed):
@@ -237,8 +240,9 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(config=args.config, batch=args.batch, steps=args.steps, dtype=str(dtype), device=device,
-                           device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                           torch=torch.__version__, results=results, critic_step=critic), f, indent=1)
+                           device_name=device_name(device), date=datetime.date.today().isoformat(),
+                           cpu_isa=genkern._extension.BUILD_INFO.get("cpu_isa"), torch=torch.__version__,
+                           results=results, critic_step=critic), f, indent=1)
 
 
 if __name__ == "__main__":
