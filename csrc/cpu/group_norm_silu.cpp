@@ -441,23 +441,14 @@ void row_grad_sums(const T* x, const float* du, int64_t D, int64_t L, float mu, 
     const T* xr = x + d * L;
     const float* g = du + d * L;
     Vec s1(0.f), s2(0.f);
-    int64_t i = 0;
-    for (; i + VecIO<T>::kStep <= L; i += VecIO<T>::kStep) {
-      Vec xa, xb;
-      VecIO<T>::load(xr + i, xa, xb);
-      const Vec ga = Vec::loadu(g + i), gb = Vec::loadu(g + i + kVec);
-      s1 = at::vec::fmadd(ga, xa - vm, s1);
-      s1 = at::vec::fmadd(gb, xb - vm, s1);
-      s2 = s2 + ga + gb;
-    }
-    if (i < L) {  // the row's last values as one padded step: zero du in the padding adds nothing
+    for_each_step<T>(L, false, [&](int64_t i, auto load, auto) {  // zero du in a padded step adds nothing
       Vec xa, xb, ga, gb;
-      load_padded(xr + i, L - i, xa, xb);
-      load_padded(g + i, L - i, ga, gb);
+      load(xr + i, xa, xb);
+      load(g + i, ga, gb);
       s1 = at::vec::fmadd(ga, xa - vm, s1);
       s1 = at::vec::fmadd(gb, xb - vm, s1);
       s2 = s2 + ga + gb;
-    }
+    });
     dsc[d] += hsum(s1);
     db[d] += hsum(s2);
   }

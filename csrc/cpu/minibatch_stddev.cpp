@@ -170,34 +170,26 @@ at::Tensor minibatch_stddev(const at::Tensor& x_in, int64_t group_size, int64_t 
 // forward; a walk per sample over the whole row ran at a third of copy speed.
 template <typename T, typename XAt, typename GAt, typename DAt, typename K>
 void grad_row(const XAt& x_at, const GAt& dout_at, const DAt& dx_at, int64_t n, int64_t G, K k, float eps) {
-  using IO = VecIO<T>;
   auto none = [](int64_t, auto&&...) {};
-  int64_t j = 0;
-  for (; j + IO::kStep <= n; j += IO::kStep) {
-    const GroupStats st = group_stats([&](int64_t g, Vec& a, Vec& b) { IO::load(x_at(g) + j, a, b); }, G, eps, none);
-    const Vec r0 = k.vec(j) / st.sd[0], r1 = k.vec(j + kVec) / st.sd[1];
-    for (int64_t g = 0; g < G; ++g) {
-      Vec a, b, d0, d1;
-      IO::load(x_at(g) + j, a, b);
-      IO::load(dout_at(g) + j, d0, d1);
-      IO::store(dx_at(g) + j, at::vec::fmadd(r0, a - st.mean[0], d0), at::vec::fmadd(r1, b - st.mean[1], d1));
-    }
-  }
-  // The last m < kStep values as one padded step (runs and channels-last rows whose length is not a
-  // multiple of kStep): one scalar walk per value ran the backward at half speed.
-  if (const int64_t m = n - j; m > 0) {
-    const GroupStats st = group_stats([&](int64_t g, Vec& a, Vec& b) { load_padded(x_at(g) + j, m, a, b); }, G, eps,
-                                      none);
+  // the last values of a row take one padded step (vec.h: for_each_step); a scalar walk per value ran
+  // the backward at half speed. The step is always inlined, as its loop body was before.
+  for_each_step<T>(n, false, [&](int64_t j, auto load, auto store) C10_ALWAYS_INLINE_ATTRIBUTE {
+    const GroupStats st = group_stats([&](int64_t g, Vec& a, Vec& b) { load(x_at(g) + j, a, b); }, G, eps, none);
     Vec k0, k1;
-    k.padded(j, m, k0, k1);
+    if (const int64_t m = std::min(VecIO<T>::kStep, n - j); m < VecIO<T>::kStep) {
+      k.padded(j, m, k0, k1);
+    } else {
+      k0 = k.vec(j);
+      k1 = k.vec(j + kVec);
+    }
     const Vec r0 = k0 / st.sd[0], r1 = k1 / st.sd[1];
     for (int64_t g = 0; g < G; ++g) {
       Vec a, b, d0, d1;
-      load_padded(x_at(g) + j, m, a, b);
-      load_padded(dout_at(g) + j, m, d0, d1);
-      store_first(dx_at(g) + j, m, at::vec::fmadd(r0, a - st.mean[0], d0), at::vec::fmadd(r1, b - st.mean[1], d1));
+      load(x_at(g) + j, a, b);
+      load(dout_at(g) + j, d0, d1);
+      store(dx_at(g) + j, at::vec::fmadd(r0, a - st.mean[0], d0), at::vec::fmadd(r1, b - st.mean[1], d1));
     }
-  }
+  });
 }
 
 at::Tensor minibatch_stddev_backward(const at::Tensor& grad_out, const at::Tensor& x_in, int64_t group_size,

@@ -81,35 +81,22 @@ void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t 
   alignas(64) float acc[kChunk] = {};
   for (int64_t c = 0; c < C; ++c) {
     const T* row = x + c * P + p0;
-    int64_t i = 0;
-    for (; i + IO::kStep <= L; i += IO::kStep) {
+    for_each_step<T>(L, stream, [&](int64_t i, auto load, auto) {  // padded step: zeros add nothing
       Vec a, b;
-      IO::load(row + i, a, b);
+      load(row + i, a, b);
       (Vec::loadu(acc + i) + a * a).store(acc + i);
       (Vec::loadu(acc + i + kVec) + b * b).store(acc + i + kVec);
-    }
-    if (i < L) {  // padded step: zeros add nothing to acc
-      Vec a, b;
-      load_padded(row + i, L - i, a, b);
-      (Vec::loadu(acc + i) + a * a).store(acc + i);
-      (Vec::loadu(acc + i + kVec) + b * b).store(acc + i + kVec);
-    }
+    });
   }
   for (int64_t i = 0; i < L; ++i) acc[i] = rstd[p0 + i] = 1.0f / std::sqrt(acc[i] / static_cast<float>(C) + eps);
   for (int64_t c = 0; c < C; ++c) {
     const T* row = x + c * P + p0;
     T* out = y + c * P + p0;
-    int64_t i = 0;
-    for (; i + IO::kStep <= L; i += IO::kStep) {
+    for_each_step<T>(L, stream, [&](int64_t i, auto load, auto store) {
       Vec a, b;
-      IO::load(row + i, a, b);
-      store_out(out + i, a * Vec::loadu(acc + i), b * Vec::loadu(acc + i + kVec), stream);
-    }
-    if (i < L) {
-      Vec a, b;
-      load_padded(row + i, L - i, a, b);
-      store_first(out + i, L - i, a * Vec::loadu(acc + i), b * Vec::loadu(acc + i + kVec));
-    }
+      load(row + i, a, b);
+      store(out + i, a * Vec::loadu(acc + i), b * Vec::loadu(acc + i + kVec));
+    });
   }
 }
 
@@ -120,21 +107,13 @@ void backward_chunk(const T* dy, const T* x, const float* rstd, T* dx, int64_t C
   alignas(64) float dot[kChunk] = {};
   for (int64_t c = 0; c < C; ++c) {
     const T *g = dy + c * P + p0, *v = x + c * P + p0;
-    int64_t i = 0;
-    for (; i + IO::kStep <= L; i += IO::kStep) {
+    for_each_step<T>(L, stream, [&](int64_t i, auto load, auto) {
       Vec ga, gb, va, vb;
-      IO::load(g + i, ga, gb);
-      IO::load(v + i, va, vb);
+      load(g + i, ga, gb);
+      load(v + i, va, vb);
       (Vec::loadu(dot + i) + ga * va).store(dot + i);
       (Vec::loadu(dot + i + kVec) + gb * vb).store(dot + i + kVec);
-    }
-    if (i < L) {
-      Vec ga, gb, va, vb;
-      load_padded(g + i, L - i, ga, gb);
-      load_padded(v + i, L - i, va, vb);
-      (Vec::loadu(dot + i) + ga * va).store(dot + i);
-      (Vec::loadu(dot + i + kVec) + gb * vb).store(dot + i + kVec);
-    }
+    });
   }
   alignas(64) float r[kChunk], k[kChunk];
   for (int64_t i = 0; i < L; ++i) {
@@ -145,21 +124,13 @@ void backward_chunk(const T* dy, const T* x, const float* rstd, T* dx, int64_t C
   for (int64_t c = 0; c < C; ++c) {
     const T *g = dy + c * P + p0, *v = x + c * P + p0;
     T* out = dx + c * P + p0;
-    int64_t i = 0;
-    for (; i + IO::kStep <= L; i += IO::kStep) {
+    for_each_step<T>(L, stream, [&](int64_t i, auto load, auto store) {
       Vec ga, gb, va, vb;
-      IO::load(g + i, ga, gb);
-      IO::load(v + i, va, vb);
-      store_out(out + i, Vec::loadu(r + i) * ga - Vec::loadu(k + i) * va,
-                Vec::loadu(r + i + kVec) * gb - Vec::loadu(k + i + kVec) * vb, stream);
-    }
-    if (i < L) {
-      Vec ga, gb, va, vb;
-      load_padded(g + i, L - i, ga, gb);
-      load_padded(v + i, L - i, va, vb);
-      store_first(out + i, L - i, Vec::loadu(r + i) * ga - Vec::loadu(k + i) * va,
-                  Vec::loadu(r + i + kVec) * gb - Vec::loadu(k + i + kVec) * vb);
-    }
+      load(g + i, ga, gb);
+      load(v + i, va, vb);
+      store(out + i, Vec::loadu(r + i) * ga - Vec::loadu(k + i) * va,
+            Vec::loadu(r + i + kVec) * gb - Vec::loadu(k + i + kVec) * vb);
+    });
   }
 }
 

@@ -147,6 +147,24 @@ inline void store_out(T* p, const Vec& a, const Vec& b, bool stream) {
   VecIO<T>::store(p, a, b);
 }
 
+// Walks a run of n values in vector steps: step(i, load, store) for each step, at i = 0, kStep, ...;
+// load(p, a, b) and store(p, a, b) move that step's 2 kVec values of any array (T or float) at p:
+// VecIO's loads and store_out for the whole steps, load_padded and store_first of the m < kStep
+// remaining values for the last one. So each loop body is written once for both.
+template <typename T, typename Step>
+C10_ALWAYS_INLINE void for_each_step(int64_t n, bool stream, const Step& step) {
+  const auto load = [](const auto* p, Vec& a, Vec& b) {
+    VecIO<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>>::load(p, a, b);
+  };
+  const auto store = [stream](auto* p, const Vec& a, const Vec& b) { store_out(p, a, b, stream); };
+  int64_t i = 0;
+  for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) step(i, load, store);
+  if (const int64_t m = n - i; m > 0) {
+    step(i, [m](const auto* p, Vec& a, Vec& b) { load_padded(p, m, a, b); },
+         [m](auto* p, const Vec& a, const Vec& b) { store_first(p, m, a, b); });
+  }
+}
+
 inline void stream_fence() {
 #if defined(GENKERN_SIMD)
   _mm_sfence();
