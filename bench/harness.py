@@ -1,6 +1,7 @@
 """Timing that is fair to every contender: all implementations of a case run in one process,
 interleaved (round-robin, so drift and thermal/turbo changes hit all alike), warmed up, and each
-reported as the median of many runs. Plus the bytes-moved helpers and the copy-bandwidth yardstick."""
+reported as the median of many runs. Plus the copy-bandwidth yardstick and the saved-bytes count (the
+bytes-moved models live beside each op, as `bytes_moved`)."""
 from __future__ import annotations
 
 import statistics
@@ -115,10 +116,6 @@ def on_backend(backend: str, device: str, fn: Callable) -> Callable:
         with genkern.use_backend(backend):
             return fn(*args)
     return forced
-
-
-def nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def copy_yardstick(x: torch.Tensor) -> tuple[Callable[[], object], int]:

@@ -17,7 +17,7 @@ import torch
 import genkern
 
 from . import bench_ddpm_step, bench_gan_ops, bench_group_norm_silu, targets
-from .harness import copy_yardstick, device_name, nbytes, saved_bytes, steady_cpu_allocator, time_interleaved
+from .harness import copy_yardstick, device_name, saved_bytes, steady_cpu_allocator, time_interleaved
 
 OPS = {"group_norm_silu": bench_group_norm_silu, "ddpm_step": bench_ddpm_step, **bench_gan_ops.OPS}
 HERE = os.path.dirname(os.path.abspath(__file__))
