@@ -211,12 +211,13 @@ struct ScaledLane {
 constexpr float kLog2e = 1.4426950408889634f;
 
 // sigmoid(u) = 1 / (1 + e) with e = exp(-u): the whole cost of SiLU on a CPU.
-// e = 2^t, t = -u log2(e) (callers fold -log2(e) into their own FMA and pass t), clamped to
-// [-126, 126] so that nothing overflows and 2^n stays a normal float; past the clamp sigmoid is 0 or
-// 1 to float32 precision anyway (|u| > 87). t = n + f with n an integer and f in [-1/2, 1/2]; 2^f by a
-// degree-5 polynomial with p(0) = 1, fitted for least maximum relative error on [-1/2, 1/2] (7.5e-8
-// in exact arithmetic, ~2e-7 evaluated in float32), 2^n added into the exponent bits. The reciprocal
-// is the hardware estimate plus one Newton step. Relative error of SiLU < 1e-6 for |u| <= 16; beyond,
+// e = 2^t, t = -u log2(e) (callers fold -log2(e) into their own FMA and pass t), clamped to at most
+// 126 (AVX2: to [-126, 126]) so that nothing overflows; past the clamp sigmoid is 0 or 1 to float32
+// precision anyway (|u| > 87). t = n + f with n an integer (simd::exp2_split: floor(t) on AVX-512,
+// round(t) on AVX2); 2^f by a degree-5 polynomial with p(0) = 1 fitted for least maximum relative
+// error on f's interval (simd::kExp2Poly; ~8e-8 in exact arithmetic, ~2e-7 evaluated in float32),
+// times 2^n (simd::times_pow2). The reciprocal is the hardware estimate plus one Newton step.
+// Relative error of SiLU < 1e-6 for |u| <= 16; beyond,
 // the float32 rounding of t (up to 2^-18 |t|) enters exp: up to ~5e-6, on values below 2e-6.
 // Taking e = exp(-u) itself, clamped, rather than the usual overflow-free exp(-|u|) saves the select
 // between 1 / (1 + e) and e / (1 + e) and its multiply: 2 of ~36 instructions per vector.
@@ -228,15 +229,14 @@ constexpr float kLog2e = 1.4426950408889634f;
 // add-subtract rounding trick, and log2(e) folded into the caller's FMA took 16 -> 12 cycles per 8
 // values (one thread, in L1); the pipelining and exp(-u) 12.0 -> 10.3.
 struct Exp2Parts {
-  Vec f, n;  // 2^t = 2^f 2^n; n as simd::times_pow2 takes it (simd::pow2_operand)
+  Vec f, n;  // 2^t = 2^f 2^n, as simd::exp2_split gives them
 };
 
 inline Exp2Parts exp2_reduce(const Vec& t) {
 #if defined(GENKERN_SIMD)
-  using namespace simd;
-  const F v = GK_MM(max_ps)(GK_MM(min_ps)(t, splat(126.f)), splat(-126.f));
-  const F r = round_nearest(v);
-  return {Vec(GK_MM(sub_ps)(v, r)), Vec(pow2_operand(r))};
+  simd::F f, n;
+  simd::exp2_split(t, f, n);
+  return {Vec(f), Vec(n)};
 #else
   return {at::vec::clamp(t, Vec(-126.f), Vec(126.f)), Vec(0.f)};
 #endif
@@ -245,11 +245,11 @@ inline Exp2Parts exp2_reduce(const Vec& t) {
 inline Vec exp2_finish(const Exp2Parts& e) {
 #if defined(GENKERN_SIMD)
   using namespace simd;
+  constexpr const float* c = kExp2Poly;
   const F f = e.f, f2 = GK_MM(mul_ps)(f, f);
   auto lin = [&](float c0, float c1) { return GK_MM(fmadd_ps)(splat(c1), f, splat(c0)); };
-  F p = GK_MM(fmadd_ps)(lin(9.671512991189957e-3f, 1.326472731307149e-3f), f2,
-                        lin(2.4022242426872253e-1f, 5.550733581185341e-2f));
-  p = GK_MM(fmadd_ps)(p, f2, lin(1.f, 6.931470036506653e-1f));
+  F p = GK_MM(fmadd_ps)(lin(c[4], c[5]), f2, lin(c[2], c[3]));
+  p = GK_MM(fmadd_ps)(p, f2, lin(c[0], c[1]));
   return Vec(times_pow2(p, e.n));
 #else
   return (e.f * Vec(0.6931471805599453f)).exp();
