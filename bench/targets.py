@@ -15,11 +15,13 @@ import math
 # AVX2 AMD EPYC until 2026-11-23, since then an AVX-512 Intel Xeon; README, Results (CPU))
 CPU_VS_EAGER = [
     ("group_norm_silu", "fwd", 2.0,
-     "compute-bound: on the Xeon the forward issues ~22 vector operations per 16 values (statistics ~3, "
-     "SiLU's exponential and reciprocal ~19) to two 512-bit ALU ports, one thread runs at 0.35-0.38 ns "
-     "per value in L2, two threads reach ~85% of twice that; the ratio sits at 1.8-2.2x at 16x256x16x16 and "
-     "channels-last 16x128x32x32, and eager's own time swings between runs (0.40-0.90 ms at "
-     "16x256x16x16), which moves it; "
+     "compute-bound: on the Xeon the forward issues ~18 vector operations per 16 values (statistics ~3, "
+     "SiLU's exponential and reciprocal ~15, after vreduceps/vscalefps took 3 of them; vec.h) to two "
+     "512-bit ALU ports; the SiLU loop alone runs at 0.18-0.20 ns per value from L1 (~10 cycles per 16 "
+     "values), the whole forward on one thread at 0.36-0.38 ns per value even with x in L2 (the statistics "
+     "pass ~18% of its samples, the rest y's stores and each row's set-up), two threads reach ~85% of "
+     "twice that; the ratio sits at 1.9-2.1x at 16x256x16x16 and channels-last 16x128x32x32, and eager's "
+     "own time swings between runs (0.40-0.90 ms at 16x256x16x16), which moves it; "
      "on the EPYC the float32 SiLU took ~10 cycles per 8 values (~80% of the kernel's time; "
      "the statistics pass and the row loop the rest), its exponential's dependency chain longer than the "
      "out-of-order window hides (vec.h: exp2_clamped); channels-last also loads per-channel parameters "
@@ -40,7 +42,7 @@ CPU_VS_EAGER = [
      "at or near copy bandwidth: the fastest read-once write-once pass the EPYC runs (a streaming-"
      "store copy from cold caches) is 2.9x eager at 16x512x32x32, and a copy in the same loop as eager "
      "~2.4x at 64x512x8x8, whose maps fit the L3 (eager's five passes partly hit the cache); on the Xeon "
-     "a copy in the same loop is 2.5-2.9x eager at both shapes"),
+     "a copy in the same loop is 2.5-2.9x eager at both shapes, and the forward runs at 79-91% of it"),
     ("minibatch_stddev", "fwd", 3.0,
      "one read of x and one write of the output, as a copy"),
     ("gradient_penalty", "fwd+bwd", 2.0,
