@@ -34,10 +34,9 @@ CPU_VS_EAGER = [
      "genkern's large-map rate (0.37 ns per value per thread, 0.074 ms here) plus that would be ~1.8x"),
     ("group_norm_silu", "fwd+bwd", 1.5,
      "the backward recomputes exp(-u) for SiLU' and reads x and dy twice; compute-bound as the forward; on "
-     "small maps (32x256x7x7, Xeon) the ops alone take 0.115 ms forward and 0.22-0.25 ms backward, the "
-     "forward+backward through autograd 0.52-0.58 ms against eager's 0.66-0.74: per-group fixed costs in "
-     "both kernels (the backward's per-row sums among them) and a call's autograd cost, which a minimal "
-     "autograd.Function shares (~70 us for a forward+backward of 2x64x2x2, eager's own ~63)"),
+     "small maps (32x256x7x7, Xeon, timed interleaved) the two ops in sequence take 0.42-0.44 ms, a minimal "
+     "autograd.Function around them 0.50-0.53, genkern 0.52-0.56, eager 0.66-0.74: per-group fixed costs "
+     "in both kernels (the backward's per-row sums among them) and ~80 us of Python autograd per call"),
     ("ddpm_step", "fwd", 4.0,
      "Philox4x32-10 and Box-Muller are ~80% of the fused step (compute-bound); the ratio moves with the "
      "speed of eager's randn_like on the machine (3.3-5.5x over eight runs on the EPYC; on the Xeon "
