@@ -1,8 +1,8 @@
 // The native registers of the ISA the CPU kernels are built for (setup.py: GENKERN_CPU_ISA), for the
-// few loops written in intrinsics: the exponential behind SiLU (vec.h; its range reduction here), Philox (philox.h) and
-// Box-Muller (cpu/ddpm_step.cpp). Their maths is written once on these names and compiles to 16 lanes
-// (AVX-512) or 8 (AVX2), the width of at::vec::Vectorized<float> in the same build, which the rest
-// of the code uses. GK_MM(op) is the intrinsic _mm512_op or _mm256_op, for the operations whose names
+// few loops written in intrinsics: the exponential behind SiLU (vec.h; its range reduction here),
+// Philox (philox.h) and Box-Muller (cpu/ddpm_step.cpp). Their maths is written once on these names and
+// compiles to 16 lanes (AVX-512) or 8 (AVX2), the width of at::vec::Vectorized<float> in the same
+// build, which the rest of the code uses. GK_MM(op) is the intrinsic _mm512_op or _mm256_op, for the operations whose names
 // only differ in that prefix; the functions below cover those that differ more.
 // GENKERN_SIMD is defined when one of the two is available; without it the callers fall back to
 // at::vec and scalar code.

@@ -225,8 +225,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 // round(t) on AVX2); 2^f by a degree-5 polynomial with p(0) = 1 fitted for least maximum relative
 // error on f's interval (simd::kExp2Poly; ~8e-8 in exact arithmetic, ~2e-7 evaluated in float32),
 // times 2^n (simd::times_pow2). The reciprocal is the hardware estimate plus one Newton step.
-// Relative error of SiLU < 1e-6 for |u| <= 16; beyond,
-// the float32 rounding of t (up to 2^-18 |t|) enters exp: up to ~5e-6, on values below 2e-6.
+// Relative error of SiLU < 1e-6 for |u| <= 16; beyond, the float32 rounding of t (up to 2^-18 |t|)
+// enters exp: up to ~5e-6, on values below 2e-6.
 // Taking e = exp(-u) itself, clamped, rather than the usual overflow-free exp(-|u|) saves the select
 // between 1 / (1 + e) and e / (1 + e) and its multiply: 2 of ~36 instructions per vector.
 // Written for a short dependency chain: on this kind of core (AMD Zen 2) a loop whose per-vector chain
