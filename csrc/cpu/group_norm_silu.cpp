@@ -37,15 +37,17 @@ inline std::pair<double, double> shifted_sums(const T* x, int64_t n, float pivot
     const int64_t end = std::min(n, i + kFlush);
     // four independent accumulators of each sum: with two the loop waits on the FMA latency
     Vec acc1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)}, acc2[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-    auto add = [&](int64_t p, int k) {  // one load step into accumulators k and k + 1
-      Vec va, vb;
-      VecIO<T>::load(x + p, va, vb);
-      va = va - vp;
-      vb = vb - vp;
+    // x - pivot of one step into accumulators k and k + 1
+    auto accumulate = [&](const Vec& va, const Vec& vb, int k) {
       acc1[k] = acc1[k] + va;
       acc2[k] = at::vec::fmadd(va, va, acc2[k]);
       acc1[k + 1] = acc1[k + 1] + vb;
       acc2[k + 1] = at::vec::fmadd(vb, vb, acc2[k + 1]);
+    };
+    auto add = [&](int64_t p, int k) {
+      Vec va, vb;
+      VecIO<T>::load(x + p, va, vb);
+      accumulate(va - vp, vb - vp, k);
     };
     for (; i + 2 * VecIO<T>::kStep <= end; i += 2 * VecIO<T>::kStep) {
       add(i, 0);
@@ -58,12 +60,8 @@ inline std::pair<double, double> shifted_sums(const T* x, int64_t n, float pivot
       // of a 7x7 group's ~160-cycle statistics, which the group's SiLU then waits on
       Vec va, vb;
       load_padded(x + i, m, va, vb);
-      va = Vec::set(Vec(0.f), va - vp, std::min(m, kVec));
-      vb = Vec::set(Vec(0.f), vb - vp, std::max<int64_t>(0, m - kVec));
-      acc1[1] = acc1[1] + va;
-      acc2[1] = at::vec::fmadd(va, va, acc2[1]);
-      acc1[3] = acc1[3] + vb;
-      acc2[3] = at::vec::fmadd(vb, vb, acc2[3]);
+      accumulate(Vec::set(Vec(0.f), va - vp, std::min(m, kVec)),
+                 Vec::set(Vec(0.f), vb - vp, std::max<int64_t>(0, m - kVec)), 2);
       i = end;
     }
     s1 += hsum((acc1[0] + acc1[1]) + (acc1[2] + acc1[3]));

@@ -103,7 +103,6 @@ void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t 
 template <typename T>
 void backward_chunk(const T* dy, const T* x, const float* rstd, T* dx, int64_t C, int64_t P, int64_t p0,
                     int64_t L, bool stream) {
-  using IO = VecIO<T>;
   alignas(64) float dot[kChunk] = {};
   for (int64_t c = 0; c < C; ++c) {
     const T *g = dy + c * P + p0, *v = x + c * P + p0;
