@@ -4,6 +4,7 @@ reported as the median of many runs. Plus the copy-bandwidth yardstick and the s
 bytes-moved models live beside each op, as `bytes_moved`)."""
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from typing import Callable
@@ -34,8 +35,8 @@ def wake_thread_pool(device: str) -> None:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: str, min_runs: int = 15,
                      budget_s: float = 1.0, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each fn; calls are interleaved round-robin (the order rotating every
-    round). On CPU each sample is one call, after wake_thread_pool. On CUDA each sample is a burst of
+    """Median seconds per call of each fn; calls are interleaved, in an order shuffled every round (seeded,
+    so runs repeat). On CPU each sample is one call, after wake_thread_pool. On CUDA each sample is a burst of
     back-to-back calls between two CUDA events, sized to take about a millisecond, so that a small
     kernel's time is its launch-to-launch time (what a model running it in a loop sees) and not the
     host's synchronisation latency."""
@@ -50,12 +51,19 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, min_runs
             reps[name] = max(1, min(200, int(1e-3 / max(t, 1e-7))))
     samples: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
+    rng = random.Random(0)
     start = time.perf_counter()
-    rnd = 0
     while True:
-        # the order rotates every round, so that each contender follows each other one equally often:
-        # the call before leaves its data in the caches and the thread pool in its state
-        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+        # The call before leaves its data in the caches (dirty or clean, from which level) and the thread
+        # pool in its state, so each contender should follow each other one about equally often. A
+        # shuffle does that; a rotation of one order does not (each name then follows the same one in
+        # all rounds but the ones it opens): the bench had genkern run after torch.compile in 3 of 4
+        # rounds, and write back the dirty lines of its output. Pixel norm forward 64x512x8x8, the same
+        # kernel timed under two names: rotated, 0.396-0.403 ms for the one after the copy (an 8 MB
+        # destination) and 0.380-0.386 for the other; shuffled, 0.387-0.393 for both.
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
             if device == "cuda":
                 samples[name].append(_cuda_burst(fns[name], reps[name]) / reps[name])
                 continue
@@ -65,7 +73,6 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, min_runs
             fns[name]()
             sync(device)
             samples[name].append(time.perf_counter() - t0)
-        rnd += 1
         runs = len(next(iter(samples.values())))
         if runs >= min_runs and (time.perf_counter() - start > budget_s or runs >= 2000):
             break

@@ -1,6 +1,12 @@
 // pixel_norm on CPU. Maths and checks in csrc/pixel_norm.h.
 // NCHW: a task owns kChunk positions of one sample and walks the channels twice (sum of squares,
 // then scale), vectorised along the positions; the chunk's rows stay in L1/L2 between the walks.
+// The first walk reads from memory row by row; each row starts a 4 KB page of its own, where the
+// L2's hardware streamer starts over, so it prefetches kRowsAhead rows ahead. The second walk takes
+// the rows in reverse, the last read first: a chunk's 2-4 MB about fill a 2 MB L2, and what it
+// still holds is the rows read last. Forward 16x512x32x32, 2 threads, contenders in shuffled order:
+// 1.78-1.81 -> 1.64-1.66 ms; backward 2.2-3.0 -> 2.1-2.6 ms (the reversal most of either gain).
+
 // Channels-last and [N, C] latents: a task owns whole rows of C contiguous channels.
 #include <cstdint>
 
@@ -16,6 +22,7 @@ namespace genkern::cpu {
 namespace {
 
 constexpr int64_t kChunk = 1024;
+constexpr int64_t kRowsAhead = 4;
 // The last L % kStep positions of a chunk take one padded vector step (vec.h: load_padded), which
 // reads and writes the per-position buffers up to the next multiple of kStep: they hold kChunk, a
 // multiple of it, and are zero beyond L. A scalar walk instead made 4x4 maps (16 positions, all
@@ -81,7 +88,9 @@ void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t 
   alignas(64) float acc[kChunk] = {};
   for (int64_t c = 0; c < C; ++c) {
     const T* row = x + c * P + p0;
+    const bool ahead = c + kRowsAhead < C;
     for_each_step<T>(L, stream, [&](int64_t i, auto load, auto) {  // padded step: zeros add nothing
+      if (ahead) prefetch_l2(row + kRowsAhead * P + i);
       Vec a, b;
       load(row + i, a, b);
       (Vec::loadu(acc + i) + a * a).store(acc + i);
@@ -89,7 +98,7 @@ void forward_chunk(const T* x, T* y, float* rstd, int64_t C, int64_t P, int64_t 
     });
   }
   for (int64_t i = 0; i < L; ++i) acc[i] = rstd[p0 + i] = 1.0f / std::sqrt(acc[i] / static_cast<float>(C) + eps);
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = C - 1; c >= 0; --c) {
     const T* row = x + c * P + p0;
     T* out = y + c * P + p0;
     for_each_step<T>(L, stream, [&](int64_t i, auto load, auto store) {
@@ -106,7 +115,12 @@ void backward_chunk(const T* dy, const T* x, const float* rstd, T* dx, int64_t C
   alignas(64) float dot[kChunk] = {};
   for (int64_t c = 0; c < C; ++c) {
     const T *g = dy + c * P + p0, *v = x + c * P + p0;
+    const bool ahead = c + kRowsAhead < C;
     for_each_step<T>(L, stream, [&](int64_t i, auto load, auto) {
+      if (ahead) {
+        prefetch_l2(g + kRowsAhead * P + i);
+        prefetch_l2(v + kRowsAhead * P + i);
+      }
       Vec ga, gb, va, vb;
       load(g + i, ga, gb);
       load(v + i, va, vb);
@@ -120,7 +134,7 @@ void backward_chunk(const T* dy, const T* x, const float* rstd, T* dx, int64_t C
     k[i] = r[i] * r[i] * r[i] * dot[i] / static_cast<float>(C);  // dx = r dy - k x
   }
   for (int64_t i = L; i < std::min(kChunk, (L + 2 * kVec - 1) / (2 * kVec) * (2 * kVec)); ++i) r[i] = k[i] = 0.f;
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = C - 1; c >= 0; --c) {
     const T *g = dy + c * P + p0, *v = x + c * P + p0;
     T* out = dx + c * P + p0;
     for_each_step<T>(L, stream, [&](int64_t i, auto load, auto store) {

@@ -183,6 +183,8 @@ inline void stream_fence() {
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 // ... to be written: the line arrives owned, so that a store to it does not wait (prefetchw).
 inline void prefetch_for_write(void* p) { __builtin_prefetch(p, 1, 3); }
+// ... into L2 only (prefetcht1): for a stream read some way ahead of its use.
+inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
