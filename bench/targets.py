@@ -47,7 +47,10 @@ CPU_VS_EAGER = [
      "at or near copy bandwidth: the fastest read-once write-once pass the EPYC runs (a streaming-"
      "store copy from cold caches) is 2.9x eager at 16x512x32x32, and a copy in the same loop as eager "
      "~2.4x at 64x512x8x8, whose maps fit the L3 (eager's five passes partly hit the cache); on the Xeon "
-     "a copy in the same loop is 2.5-2.9x eager at both shapes, and the forward runs at 79-91% of it"),
+     "the copy timed in the same shuffled rounds is 2.8-3.0x eager at both shapes, so 3x asks for a pass "
+     "faster than that copy; the forward runs at 76-93% of it (16x512x32x32: 1.79-2.07 ms against eager's "
+     "4.71-4.81 in three runs; its second walk re-reads the 2 MB chunk, part of it from the L3: a C model "
+     "of the kernel takes 1.40-1.45 ms where a streaming-store copy takes 1.20)"),
     ("minibatch_stddev", "fwd", 3.0,
      "one read of x and one write of the output, as a copy"),
     ("gradient_penalty", "fwd+bwd", 2.0,
@@ -55,17 +58,25 @@ CPU_VS_EAGER = [
      "eager's small ops and their autograd nodes, ~0.1 ms here"),
 ]
 CPU_COPY_FRACTION, CPU_LARGE_BYTES = 0.60, 16 << 20
+# why a large case runs under CPU_COPY_FRACTION: by (op, pass), else by op
 CPU_COPY_WHY = {
-    "group_norm_silu": "compute-bound (the SiLU), not memory-bound, on this CPU",
+    "group_norm_silu": "compute-bound (the SiLU), not memory-bound, on this CPU; channels-last samples "
+                       "larger than a quarter of the L2 (8x512x32x32: 2 MB) are shared by the threads and "
+                       "their second pass reads them again from beyond the L2 (one thread: 2.26 ms against "
+                       "NCHW's 1.57 at 8x512x32x32, 1.77 against 1.88 with the same values in 512 KB samples); "
+                       "blocks of whole groups instead of whole samples (strided rows of K channels) were "
+                       "slower: 1.0-1.2 -> 1.4-1.8 ms",
     "minibatch_stddev": "the backward walks the G samples of a group column per channel row: short rows "
                         "at 32x32 maps, so it runs below copy speed",
+    ("pixel_norm", "fwd"): "two walks over each 2 MB chunk of positions, the second partly from the L3 (the "
+                           "first prefetches four rows ahead, the second takes the rows in reverse)",
     "pixel_norm": "the backward walks each block of positions twice (the sum of dy x over the channels, then "
-                  "dx), and the second walk misses the cache: 1024 positions of x and dy over 512 channels are "
-                  "4 MB against the Xeon's 2 MB L2 (16x512x32x32, op alone: first walk 1.26-1.30 ms, second "
-                  "1.9-2.0, both 3.0-3.2); blocks of 256 positions make 1 KB row pieces 4 KB apart, which "
-                  "stream slower (first walk 2.2 ms) and crowd a quarter of the L2's sets, so the second "
-                  "walk misses still (4.4 ms); copying a block into a contiguous buffer on the first walk: "
-                  "4.3-4.4 ms; the second walk in reverse channel order: within noise",
+                  "dx): 1024 positions of x and dy over 512 channels are 4 MB against the Xeon's 2 MB L2; "
+                  "the second walk takes the rows in reverse, so it starts with those the L2 still holds, "
+                  "and the first prefetches four rows ahead (backward alone, 16x512x32x32: 3.0-3.35 -> "
+                  "2.6-3.2 ms); blocks of 256 positions make 1 KB row pieces 4 KB apart, which stream "
+                  "slower (first walk 2.2 ms) and crowd a quarter of the L2's sets (4.4 ms in all); "
+                  "copying a block into a contiguous buffer on the first walk: 4.3-4.4 ms",
 }
 # issue 7 on an H100: fraction of copy bandwidth at large shapes, and 3x eager for the forward
 GPU_COPY = [("group_norm_silu", "fwd", 0.85), ("group_norm_silu", "fwd+bwd", 0.75), ("ddpm_step", "fwd", 0.80),
@@ -107,7 +118,8 @@ def check(rows: list[dict], device: str, backend: str) -> list[dict]:
         for r in mine:
             add(r, "vs torch.compile", 1.0, r["vs_compile"], "")
             if _input_bytes(r) >= CPU_LARGE_BYTES:
-                add(r, "of copy bandwidth", CPU_COPY_FRACTION, r["frac_copy"], CPU_COPY_WHY.get(r["op"], ""))
+                why = CPU_COPY_WHY.get((r["op"], r["pass_"]), CPU_COPY_WHY.get(r["op"], ""))
+                add(r, "of copy bandwidth", CPU_COPY_FRACTION, r["frac_copy"], why)
     else:
         for op, pass_, frac in GPU_COPY:
             for r in mine:
