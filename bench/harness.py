@@ -1,6 +1,7 @@
 """Timing that is fair to every contender: all implementations of a case run in one process,
-interleaved (round-robin, so drift and thermal/turbo changes hit all alike), warmed up, and each
-reported as the median of many runs. Plus the copy-bandwidth yardstick and the saved-bytes count (the
+interleaved (in an order shuffled every round, so that drift and thermal/turbo changes hit all alike
+and each contender follows each other one about equally often), warmed up, and each reported as the
+median of many runs. Plus the copy-bandwidth yardstick and the saved-bytes count (the
 bytes-moved models live beside each op, as `bytes_moved`)."""
 from __future__ import annotations
 

@@ -5,9 +5,9 @@
 // page of its own, where the L2's hardware streamer starts over, so it prefetches kRowsAhead rows
 // ahead (on smaller maps, where the streamer runs on from row to row, measured no slower). The
 // second walk takes the rows in reverse, the last read first: a chunk (at 512 channels 2 MB of x, or
-// 4 MB of x and dy) fills or overflows a 2 MB L2, which still holds the rows read last. 16x512x32x32, 2 threads, the
-// variants interleaved in shuffled order: forward 1.78-1.81 -> 1.64-1.66 ms, backward 2.95-3.17 ->
-// 2.57-2.72 ms (the reversal most of either gain).
+// 4 MB of x and dy) fills or overflows a 2 MB L2, which still holds the rows read last.
+// 16x512x32x32, 2 threads, the variants interleaved in shuffled order: forward 1.78-1.81 -> 1.64-1.66
+// ms, backward 2.95-3.17 -> 2.57-2.72 ms (the reversal most of either gain).
 // Channels-last and [N, C] latents: a task owns whole rows of C contiguous channels.
 #include <cstdint>
 
