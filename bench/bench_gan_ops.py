@@ -107,7 +107,7 @@ minibatch_stddev = _Op("minibatch_stddev", eager_minibatch_stddev, genkern.minib
 gradient_penalty = _Op("gradient_penalty", eager_penalty, lambda g: genkern.gradient_norm_penalty(g, 10.0, 1.0),
                        quick=[(64, 3, 64, 64)], full=[(64, 3, 64, 64), (64, 3, 128, 128), (32, 3, 256, 256)],
                        gpu=[(256, 3, 128, 128), (64, 3, 64, 64)],
-                       traffic=lambda g, bwd: gp_bytes(g) + (gp_bytes(g, backward=True) if bwd else 0))
+                       traffic=lambda g, bwd: gp_bytes(g, backward=bwd))  # fwd+bwd: see bytes_moved
 
 OPS = {"pixel_norm": pixel_norm, "minibatch_stddev": minibatch_stddev, "gradient_penalty": gradient_penalty}
 

@@ -41,4 +41,7 @@ TORCH_LIBRARY(genkern, m) {
   // weight * mean_i ||g_i||^2 when target is None. Returns (loss (0-d float32), norms float32 [N]).
   m.def("gradient_penalty(Tensor grad, float weight, float? target) -> (Tensor, Tensor)");
   m.def("gradient_penalty_backward(Tensor grad_loss, Tensor grad, Tensor norms, float weight, float? target) -> Tensor");
+  // Both at once, for a forward whose backward will follow: (loss, norms, d loss / d grad), the last as
+  // gradient_penalty_backward gives it for grad_loss = 1. CPU only (genkern/ops/gradient_penalty.py: why).
+  m.def("gradient_penalty_and_grad(Tensor grad, float weight, float? target) -> (Tensor, Tensor, Tensor)");
 }

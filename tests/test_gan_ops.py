@@ -148,6 +148,71 @@ def test_penalty_zero_gradient_sample(backend, device):
     assert loss.item() == pytest.approx(10.0 * ((norms - 1) ** 2).mean().item(), rel=1e-5)
 
 
+# (N, ...) shapes for gradient_penalty_and_grad: many small samples (one task per sample), one sample
+# (fewer samples than threads) and samples beyond half a core's cache (both take the two-kernel path)
+AND_GRAD_SHAPES = [(9, 3, 7, 5), (1, 4, 6, 6), (3, 2, 300, 300)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("target", [1.0, None], ids=["wgan-gp", "r1"])
+@pytest.mark.parametrize("shape", AND_GRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_gradient_penalty_and_grad(dtype, target, shape, channels_last):
+    """The CPU op that computes the penalty's gradient in its forward: (loss, norms, dg) against the float64
+    reference and its autograd gradient, and bit for bit what gradient_penalty and its backward give."""
+    require_backend("cpu", "cpu")
+    ops = torch.ops.genkern
+    x = make_input(shape, torch.float64, "cpu", channels_last, mean=0.05, std=0.02)
+    g = x.to(dtype)
+    loss, norms, dg = ops.gradient_penalty_and_grad(g, 10.0, target)
+    xr = g.double().requires_grad_()  # the values the op was given: loss and norms are float32 of those
+    ref = 10.0 * (xr.reshape(shape[0], -1).norm(dim=1) ** 2).mean() if target is None else eager_wgan_gp(xr)
+    (dgr,) = torch.autograd.grad(ref, xr)
+    assert dg.dtype == dtype and dg.stride() == g.stride()
+    assert_close(loss, ref, torch.float32, "penalty")
+    assert_close(norms, xr.detach().reshape(shape[0], -1).norm(dim=1), torch.float32, "norms")
+    assert_close(dg, dgr, dtype, "dg", scale=dgr.abs().max().item())
+    loss2, norms2 = ops.gradient_penalty(g, 10.0, target)
+    dg2 = ops.gradient_penalty_backward(torch.ones(()), g, norms2, 10.0, target)
+    assert torch.equal(loss, loss2) and torch.equal(norms, norms2) and torch.equal(dg, dg2)
+
+
+def _ran(fn, op_name):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.name == op_name for e in prof.events())
+
+
+def test_penalty_backward_takes_the_gradient_from_the_forward():
+    """On the CPU a recorded penalty computes dg in its forward; loss.backward() hands it over (no backward
+    kernel), any other d loss runs the backward kernel, a retained graph gives the same dg twice, and
+    create_graph stays differentiable. Each against the float64 reference."""
+    require_backend("cpu", "cpu")
+    x = make_input((6, 3, 8, 8), torch.float64, "cpu", mean=0.05, std=0.02)
+    xr = x.clone().requires_grad_()
+    (dgr,) = torch.autograd.grad(eager_wgan_gp(xr), xr)
+    g = x.float().requires_grad_()
+    with genkern.use_backend("cpu"):
+        loss = genkern.gradient_norm_penalty(g, 10.0, 1.0)
+        assert _ran(lambda: loss.backward(retain_graph=True), "genkern::gradient_penalty_backward") is False
+        assert_close(g.grad, dgr, torch.float32, "dg handed over", scale=dgr.abs().max().item())
+        assert _ran(lambda: loss.backward(), "genkern::gradient_penalty_backward") is False
+        assert_close(g.grad, 2 * dgr, torch.float32, "retained graph, second backward", scale=dgr.abs().max().item())
+        g.grad = None
+        loss = genkern.gradient_norm_penalty(g, 10.0, 1.0)
+        assert _ran(lambda: (2.5 * loss).backward(), "genkern::gradient_penalty_backward") is True
+        assert_close(g.grad, 2.5 * dgr, torch.float32, "d loss = 2.5", scale=dgr.abs().max().item())
+        (d1,) = torch.autograd.grad(genkern.gradient_norm_penalty(g, 10.0, 1.0), g, create_graph=True)
+    assert d1.requires_grad
+    (d1r,) = torch.autograd.grad(eager_wgan_gp(xr), xr, create_graph=True)
+    v = torch.randn(x.shape, dtype=torch.float64)
+    (d2,) = torch.autograd.grad(d1, g, v.float())
+    (d2r,) = torch.autograd.grad(d1r, xr, v)
+    assert_close(d2, d2r, torch.float32, "create_graph: second derivative", scale=d2r.abs().max().item())
+    with torch.no_grad(), genkern.use_backend("cpu"):  # nothing recorded: the plain forward only
+        assert _ran(lambda: genkern.gradient_norm_penalty(g, 10.0, 1.0), "genkern::gradient_penalty_and_grad") is False
+
+
 # --------------------------------------------------------------------------------------------------
 # double backward
 
@@ -295,6 +360,9 @@ def test_opcheck(backend, device, channels_last):
         torch.library.opcheck(getattr(ops, "gradient_penalty" + sfx).default, (x, 10.0, target))
         torch.library.opcheck(getattr(ops, "gradient_penalty" + sfx + "_backward").default,
                               (torch.ones((), device=device), x, norms, 10.0, target))
+        if backend == "cpu":
+            torch.library.opcheck(ops.gradient_penalty_and_grad.default, (x.requires_grad_(), 10.0, target))
+            x = x.detach()
 
 
 @pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKENDS if p.values[0] != "triton" or p.values[1] == "cuda"])
@@ -347,3 +415,8 @@ def test_raw_op_bad_inputs(backend, device):
         getattr(torch.ops.genkern, "pixel_norm" + sfx)(x, float("inf"))
     with pytest.raises((ValueError, TypeError, RuntimeError), match="grad must be .*float"):
         getattr(torch.ops.genkern, "gradient_penalty" + sfx)(x.int(), 1.0, None)
+    if backend == "cpu":
+        with pytest.raises(TypeError, match="gradient_penalty_and_grad: grad must be .*float"):
+            torch.ops.genkern.gradient_penalty_and_grad(x.int(), 1.0, None)
+        with pytest.raises(ValueError, match="weight must be finite"):
+            torch.ops.genkern.gradient_penalty_and_grad(x, float("inf"), None)

@@ -1,7 +1,7 @@
 """Calling a registered op from the public functions, and registering its autograd formula."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -9,12 +9,15 @@ import torch
 _EAGER_AUTOGRAD: dict = {}
 
 
-def register_autograd(op_name: str, backward: Callable, setup_context: Callable) -> None:
+def register_autograd(op_name: str, backward: Callable, setup_context: Callable,
+                      eager_backward: Optional[Callable] = None) -> None:
     """``torch.library.register_autograd(op_name, backward, setup_context=setup_context)``, which is what
     torch.compile, opcheck and direct ``torch.ops.genkern.*`` calls see, plus the same two functions as a
     plain ``torch.autograd.Function`` that call_kernel uses in eager mode. register_autograd's wrapper costs
     ~60 us per forward+backward on the CPU here (schema default filling, keyset redispatch in Python):
-    more than the kernels at small shapes, where eager PyTorch's C++ autograd costs a few us."""
+    more than the kernels at small shapes, where eager PyTorch's C++ autograd costs a few us.
+    ``eager_backward`` replaces ``backward`` in that Function only: for a shortcut that reads a value on the
+    host, which a traced backward cannot."""
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
     namespace, name = op_name.split("::")
     op = getattr(getattr(torch.ops, namespace), name)
@@ -26,7 +29,7 @@ def register_autograd(op_name: str, backward: Callable, setup_context: Callable)
         return out
 
     fn = type(f"{name}_eager_autograd", (torch.autograd.Function,),
-              {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+              {"forward": staticmethod(forward), "backward": staticmethod(eager_backward or backward)})
     _EAGER_AUTOGRAD[op.default] = fn.apply
 
 
