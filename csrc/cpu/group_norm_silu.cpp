@@ -333,27 +333,17 @@ inline void grad_sums(const T* x, const T* dy, int64_t n, const F& f, float* du_
 // Backward, pass 2: dx = k1 * du + k2 * (x - mu) + k3.
 template <typename T, typename PM, typename P1, typename P2, typename P3>
 inline void grad_apply(const T* x, const float* du, T* dx, int64_t n, PM mu, P1 k1, P2 k2, P3 k3, bool stream) {
-  int64_t i = 0;
-  for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) {
-    Vec x2[2];
-    VecIO<T>::load(x + i, x2[0], x2[1]);
-    for (int h = 0; h < 2; ++h) {
-      const int64_t j = i + h * kVec;
-      x2[h] = at::vec::fmadd(k1.vec(j), Vec::loadu(du + j), at::vec::fmadd(k2.vec(j), x2[h] - mu.vec(j), k3.vec(j)));
-    }
-    store_out(dx + i, x2[0], x2[1], stream);
-  }
-  if (const int64_t m = n - i; m > 0) {  // the last values as one padded step
+  for_each_step<T>(n, stream, [&](int64_t i, auto load, auto store) C10_ALWAYS_INLINE_ATTRIBUTE {
     Vec x2[2], d2[2], m2[2], a2[2], b2[2], c2[2];
-    load_padded(x + i, m, x2[0], x2[1]);
-    load_padded(du + i, m, d2[0], d2[1]);
-    mu.padded(i, m, m2[0], m2[1]);
-    k1.padded(i, m, a2[0], a2[1]);
-    k2.padded(i, m, b2[0], b2[1]);
-    k3.padded(i, m, c2[0], c2[1]);
+    load(x + i, x2[0], x2[1]);
+    load(du + i, d2[0], d2[1]);
+    load.param(mu, i, m2[0], m2[1]);
+    load.param(k1, i, a2[0], a2[1]);
+    load.param(k2, i, b2[0], b2[1]);
+    load.param(k3, i, c2[0], c2[1]);
     for (int h = 0; h < 2; ++h) x2[h] = at::vec::fmadd(a2[h], d2[h], at::vec::fmadd(b2[h], x2[h] - m2[h], c2[h]));
-    store_first(dx + i, m, x2[0], x2[1]);
-  }
+    store(dx + i, x2[0], x2[1]);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

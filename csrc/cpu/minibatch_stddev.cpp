@@ -176,12 +176,7 @@ void grad_row(const XAt& x_at, const GAt& dout_at, const DAt& dx_at, int64_t n, 
   for_each_step<T>(n, false, [&](int64_t j, auto load, auto store) C10_ALWAYS_INLINE_ATTRIBUTE {
     const GroupStats st = group_stats([&](int64_t g, Vec& a, Vec& b) { load(x_at(g) + j, a, b); }, G, eps, none);
     Vec k0, k1;
-    if (const int64_t m = std::min(VecIO<T>::kStep, n - j); m < VecIO<T>::kStep) {
-      k.padded(j, m, k0, k1);
-    } else {
-      k0 = k.vec(j);
-      k1 = k.vec(j + kVec);
-    }
+    load.param(k, j, k0, k1);
     const Vec r0 = k0 / st.sd[0], r1 = k1 / st.sd[1];
     for (int64_t g = 0; g < G; ++g) {
       Vec a, b, d0, d1;

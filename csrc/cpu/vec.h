@@ -158,19 +158,32 @@ inline void store_out(T* p, const Vec& a, const Vec& b, bool stream) {
 // Walks a run of n values in vector steps: step(i, load, store) for each step, at i = 0, kStep, ...;
 // load(p, a, b) and store(p, a, b) move that step's 2 kVec values of any array (T or float) at p:
 // VecIO's loads and store_out for the whole steps, load_padded and store_first of the m < kStep
-// remaining values for the last one. So each loop body is written once for both.
+// remaining values for the last one; load.param(P, i, a, b) gives a per-element parameter's (Broadcast,
+// PerLane, ScaledLane below) values for the step at i, as P.vec or, in the last step, P.padded. So each
+// loop body is written once for both.
+struct WholeStepLoad {
+  template <typename U>
+  C10_ALWAYS_INLINE void operator()(const U* p, Vec& a, Vec& b) const { VecIO<U>::load(p, a, b); }
+  template <typename P>
+  C10_ALWAYS_INLINE void param(const P& k, int64_t i, Vec& a, Vec& b) const {
+    a = k.vec(i);
+    b = k.vec(i + kVec);
+  }
+};
+struct PaddedStepLoad {
+  int64_t m;
+  template <typename U>
+  C10_ALWAYS_INLINE void operator()(const U* p, Vec& a, Vec& b) const { load_padded(p, m, a, b); }
+  template <typename P>
+  C10_ALWAYS_INLINE void param(const P& k, int64_t i, Vec& a, Vec& b) const { k.padded(i, m, a, b); }
+};
 template <typename T, typename Step>
 C10_ALWAYS_INLINE void for_each_step(int64_t n, bool stream, const Step& step) {
-  const auto load = [](const auto* p, Vec& a, Vec& b) {
-    VecIO<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>>::load(p, a, b);
-  };
   const auto store = [stream](auto* p, const Vec& a, const Vec& b) { store_out(p, a, b, stream); };
   int64_t i = 0;
-  for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) step(i, load, store);
-  if (const int64_t m = n - i; m > 0) {
-    step(i, [m](const auto* p, Vec& a, Vec& b) { load_padded(p, m, a, b); },
-         [m](auto* p, const Vec& a, const Vec& b) { store_first(p, m, a, b); });
-  }
+  for (; i + VecIO<T>::kStep <= n; i += VecIO<T>::kStep) step(i, WholeStepLoad{}, store);
+  if (const int64_t m = n - i; m > 0)
+    step(i, PaddedStepLoad{m}, [m](auto* p, const Vec& a, const Vec& b) { store_first(p, m, a, b); });
 }
 
 inline void stream_fence() {
