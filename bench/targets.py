@@ -56,8 +56,8 @@ CPU_VS_EAGER = [
     ("gradient_penalty", "fwd+bwd", 2.0,
      "the forward computes dg too (gradient_penalty_and_grad: g read once, then from L1/L2) and "
      "loss.backward() takes it as it is; what remains is autograd's per-call cost, ~0.1 ms of "
-     "framework code that runs cold after each pass over g (64x3x64x64: 0.22-0.27 ms against eager's "
-     "0.58-0.61)"),
+     "framework code that runs cold after each pass over g (64x3x64x64: 0.26-0.28 ms against eager's "
+     "0.59-0.62 in the bench)"),
 ]
 CPU_COPY_FRACTION, CPU_LARGE_BYTES = 0.60, 16 << 20
 # why a large case runs under CPU_COPY_FRACTION: by (op, pass), else by op

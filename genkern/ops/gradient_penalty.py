@@ -54,7 +54,7 @@ def _backward_follows(grad: torch.Tensor) -> bool:
     computed to be trained on). Then the CPU computes the gradient in the forward (genkern::
     gradient_penalty_and_grad): each sample is read once, for its norm and, from L1/L2, for dg, and a
     backward with d loss = 1 (``loss.backward()``) hands that dg over instead of reading g again (64x3x64x64
-    forward+backward, 2 threads: 0.27-0.29 -> 0.22 ms). Any other d loss, create_graph, or a second backward
+    forward+backward, 2 threads: 0.28-0.31 -> 0.24 ms). Any other d loss, create_graph, or a second backward
     over a retained graph runs the backward kernel, as without it. The cost: one write of dg in the forward
     when no backward comes, and dg kept from forward to backward. Not on GPUs: there the backward's pass
     costs what the forward's extra write would, and reading d loss on the host would wait for the device.
