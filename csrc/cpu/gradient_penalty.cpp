@@ -121,7 +121,6 @@ at::Tensor gradient_penalty_backward(const at::Tensor& grad_loss, const at::Tens
   return dg;
 }
 
-
 // The penalty and its gradient for dloss = 1 in one task per sample: the sample's norm, then dg_i from
 // the sample again, now from L1/L2 (csrc/gradient_penalty.h: the formulas; genkern/ops/gradient_penalty.py:
 // when it runs). Same sums in the same order as gradient_penalty, so loss and norms are bit-identical,
