@@ -44,6 +44,20 @@ double sum_squares(const T* p, int64_t b, int64_t e) {
   return s;
 }
 
+// sample i's term of the loss from its sum of squares s: (n_i - target)^2, or n_i^2 = s (R1)
+inline double penalty_term(double s, std::optional<double> target) {
+  if (!target.has_value()) return s;
+  const double d = std::sqrt(s) - *target;
+  return d * d;
+}
+
+// weight mean_i term_i, the 0-d float32 loss
+inline at::Tensor loss_tensor(double terms, double weight, int64_t N, const at::TensorOptions& options) {
+  auto out = at::empty({}, options.dtype(at::kFloat));
+  out.data_ptr<float>()[0] = static_cast<float>(weight * terms / N);
+  return out;
+}
+
 // k a_i (csrc/gradient_penalty.h) from the saved float32 norm n
 inline float sample_scale(double k, float n, std::optional<double> target) {
   return static_cast<float>(k * (!target.has_value() ? 1.0 : (n > 0 ? 1.0 - *target / n : 0.0)));
@@ -84,13 +98,10 @@ std::tuple<at::Tensor, at::Tensor> gradient_penalty(const at::Tensor& grad_in, d
   for (int64_t i = 0; i < N; ++i) {
     double s = 0.0;
     for (int64_t c = 0; c < chunks; ++c) s += part[i * chunks + c];
-    const double n = std::sqrt(s);
-    norms.data_ptr<float>()[i] = static_cast<float>(n);
-    loss += target.has_value() ? (n - *target) * (n - *target) : s;
+    norms.data_ptr<float>()[i] = static_cast<float>(std::sqrt(s));
+    loss += penalty_term(s, target);
   }
-  auto out = at::empty({}, g.options().dtype(at::kFloat));
-  out.data_ptr<float>()[0] = static_cast<float>(weight * loss / N);
-  return {out, norms};
+  return {loss_tensor(loss, weight, N, g.options()), norms};
 }
 
 at::Tensor gradient_penalty_backward(const at::Tensor& grad_loss, const at::Tensor& grad_in, const at::Tensor& norms,
@@ -149,17 +160,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_penalty_and_grad(const a
     parallel_blocks(N, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, per)), per * g.element_size(), [&](int64_t i) {
       double s = 0.0;
       for (int64_t b = 0; b < per; b += kChunk) s += sum_squares(pg + i * per, b, std::min(per, b + kChunk));
-      const double n = std::sqrt(s);
-      pn[i] = static_cast<float>(n);
-      part[i] = target.has_value() ? (n - *target) * (n - *target) : s;
+      pn[i] = static_cast<float>(std::sqrt(s));
+      part[i] = penalty_term(s, target);
       scale_run(pg + i * per, pd + i * per, 0, per, sample_scale(k, pn[i], target));
     });
   });
   double loss = 0.0;
   for (int64_t i = 0; i < N; ++i) loss += part[i];
-  auto out = at::empty({}, g.options().dtype(at::kFloat));
-  out.data_ptr<float>()[0] = static_cast<float>(weight * loss / N);
-  return {out, norms, dg};
+  return {loss_tensor(loss, weight, N, g.options()), norms, dg};
 }
 
 }  // namespace

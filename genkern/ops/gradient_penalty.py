@@ -106,7 +106,10 @@ def _fake_backward(grad_loss, grad, norms, weight, target):
 
 
 def _penalty_backward(backward_op, grad_loss, g, norms, w, t):
-    """dg by the backward kernel; under create_graph differentiable again through the reference."""
+    """dg by the backward kernel; under create_graph differentiable again through the reference. No
+    gradient for the loss (only the norms were used; grads are not materialised): none for g."""
+    if grad_loss is None:
+        return None, None, None
     (dg,) = differentiable_backward(lambda gl, g: (backward_op(gl, g, norms, w, t),),
                                     lambda g: _reference.gradient_penalty(g, w, t), (grad_loss,), (g,))
     return dg, None, None
@@ -124,8 +127,6 @@ def _register(fwd: str, bwd: str) -> None:
         ctx.save_for_backward(g, output[1])
 
     def backward(ctx, grad_loss, _grad_norms):
-        if grad_loss is None:
-            return None, None, None
         g, norms = ctx.saved_tensors
         return _penalty_backward(backward_op, grad_loss, g, norms, ctx.weight, ctx.target)
 
@@ -147,8 +148,6 @@ def _register_and_grad(name: str, bwd: str) -> None:
         ctx.save_for_backward(g, output[1], output[2])
 
     def backward(ctx, grad_loss, _grad_norms, _grad_dg):
-        if grad_loss is None:
-            return None, None, None
         g, norms, _ = ctx.saved_tensors
         return _penalty_backward(backward_op, grad_loss, g, norms, ctx.weight, ctx.target)
 
