@@ -49,6 +49,23 @@ def test_a_copy_bandwidth_miss_takes_the_reason_of_its_pass():
     assert fb["why"] == targets.CPU_COPY_WHY["pixel_norm"] and "backward" in fb["why"]
 
 
+def test_a_miss_vs_eager_prints_what_a_copy_reached_in_the_same_rounds():
+    # 32 MiB input; the copy moved 64 MiB at 41.94 GB/s (1.6 ms); eager took 1.8 ms * 2.61 = 4.698 ms
+    row = dict(_row("pixel_norm", "16x512x32x32", "fwd", "genkern[cpu]", 2.61, 1.8), ms=1.8,
+               copy_gbps=2 * 2**25 / 1.6e-3 / 1e9)
+    (entry,) = [c for c in targets.check([row], "cpu", "cpu") if c["what"] == "vs eager"]
+    assert not entry["met"] and abs(entry["copy_vs_eager"] - 4.698 / 1.6) < 1e-9
+    assert "MISSED pixel_norm 16x512x32x32 nchw float32 fwd: 2.61x vs eager (target 3.00x) [a copy of the input, " \
+           "timed in the same rounds: 2.94x eager]: at or near copy" in targets.summary_text([entry])
+    assert "| no | a copy of the input, timed in the same rounds: 2.94x eager; at or near" in \
+        targets.summary_markdown([entry])
+    # a backward moves more than a copy: no such figure there; nor for rows without the yardstick
+    fb = dict(row, pass_="fwd+bwd")
+    assert all("copy_vs_eager" not in c for c in targets.check([fb], "cpu", "cpu"))
+    assert "copy_vs_eager" not in targets.check([_row("pixel_norm", "16x512x32x32", "fwd", "genkern[cpu]", 2.6)],
+                                                "cpu", "cpu")[0]
+
+
 def test_interleaved_rounds_let_each_contender_follow_each_other_about_equally():
     # the call before leaves the caches in its state: a rotation of one order had "c" follow "b" in
     # all rounds but those it opened
