@@ -131,8 +131,9 @@ def check(rows: list[dict], device: str, backend: str) -> list[dict]:
         met = value >= target
         why = why or "no reason on record: not seen missed before, so a regression to look into"
         entry = dict(case=_case(row), what=what, target=target, measured=value, met=met, why="" if met else why)
-        if what == "vs eager" and row["pass_"] == "fwd" and copy_vs_eager(row) is not None:
-            entry["copy_vs_eager"] = copy_vs_eager(row)
+        ceiling = copy_vs_eager(row) if what == "vs eager" and row["pass_"] == "fwd" else None
+        if ceiling is not None:
+            entry["copy_vs_eager"] = ceiling
         out.append(entry)
 
     if device == "cpu":
@@ -187,6 +188,6 @@ def summary_markdown(entries: list[dict]) -> str:
            "| case | measure | target | measured | met | why not |", "|---|---|---|---|---|---|"]
     for e in entries:
         target, value = _fmt(e)
-        why = (_bound(e).strip(" []") + "; " if e["why"] and _bound(e) else "") + e["why"]
+        why = f"{_bound(e).strip(' []')}; {e['why']}" if e["why"] and _bound(e) else e["why"]
         out.append(f"| {e['case']} | {e['what']} | {target} | {value} | {'yes' if e['met'] else 'no'} | {why} |")
     return "\n".join(out)
