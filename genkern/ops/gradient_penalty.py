@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import _backend, _extension
-from ._call import call_kernel, register_autograd
+from ._call import _is_compiling, call_kernel, records_autograd, register_autograd
 from .. import reference as _reference
 from .._layout import elementwise_strides
 from ._double_backward import differentiable_backward
@@ -59,7 +59,7 @@ def _backward_follows(grad: torch.Tensor) -> bool:
     when no backward comes, and dg kept from forward to backward. Not on GPUs: there the backward's pass
     costs what the forward's extra write would, and reading d loss on the host would wait for the device.
     Under torch.compile the compiler sees the two plain ops."""
-    return grad.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    return not _is_compiling() and records_autograd(grad)
 
 
 def gradient_penalty(critic: Callable, real: torch.Tensor, fake: torch.Tensor, weight: float = 10.0,
