@@ -172,3 +172,24 @@ def test_gradient_penalty(backend, device, big_input):
         gi = _f64(x, i).requires_grad_()
         (want,) = torch.autograd.grad(R.gradient_penalty(gi, weight, target) / N, gi)
         assert_close(dx[i:i + 1], want, DT, f"gradient_penalty dx[{i}]")
+
+
+def test_gradient_penalty_and_grad_cpu(big_input):
+    """The CPU's fused forward+backward (CPU only). It takes its one-pass path for samples within half a
+    core's cache, so x is viewed as 8 N samples of 2^17 elements (256 KB, under every cache it sizes
+    for): the first 8 and the last 8 hold x's first and last sample."""
+    require_backend("cpu", "cpu")
+    x = big_input("cpu").view(8 * N, C // 8, H, W)
+    weight, target = 10.0, 1.0
+    loss, norms, dg = kernel_op("gradient_penalty_and_grad", "cpu")(x, weight, target)
+    rows = {i: x[i].double().norm().item() for i in (0, 7, 8 * N - 9, 8 * N - 8, 8 * N - 1)}
+    for i, want in rows.items():
+        assert abs(norms[i].item() - want) <= TOL[torch.float32] * want, f"norm of sample {i}"
+    # the middle samples repeat x's middle sample in runs of 8: the loss from the reference's terms
+    terms = [(x[i].double().norm().item() - target) ** 2 for i in range(8 * N)]
+    want = weight * sum(terms) / (8 * N)
+    assert abs(loss.item() - want) <= 1e-4 * want
+    for i in rows:
+        gi = x[i:i + 1].double().requires_grad_()
+        (ref,) = torch.autograd.grad(R.gradient_penalty(gi, weight, target) / (8 * N), gi)
+        assert_close(dg[i:i + 1], ref, DT, f"gradient_penalty_and_grad dg[{i}]")
