@@ -31,12 +31,20 @@ CPU_VS_EAGER = [
      "float64, the SiLU loop's set-up) are ~20% of the forward (32x256x7x7: 0.172 ms with 32 groups, 0.140 "
      "ms with 8); at 32x256x7x7 on the Xeon genkern takes 0.10-0.11 ms with its input in L2 and 0.14-0.16 "
      "with it flushed, eager 0.16-0.17 and 0.20-0.22: both pay ~45 us for data from the L3, and even "
-     "genkern's large-map rate (0.37 ns per value per thread, 0.074 ms here) plus that would be ~1.8x"),
+     "genkern's large-map rate (0.37 ns per value per thread, 0.074 ms here) plus that would be ~1.8x; "
+     "computing the statistics of several groups before their SiLU, so that the reductions' latencies "
+     "overlap, measured no faster (one thread, 7x7: 184-188 against 189 us), and one SiLU run over a block "
+     "of groups with per-lane mean and scale arrays slower (201-322 against 184-193 us)"),
     ("group_norm_silu", "fwd+bwd", 1.5,
      "the backward recomputes exp(-u) for SiLU' and reads x and dy twice; compute-bound as the forward; on "
-     "small maps (32x256x7x7, Xeon, timed interleaved) the two ops in sequence take 0.42-0.44 ms, a minimal "
-     "autograd.Function around them 0.50-0.53, genkern 0.52-0.56, eager 0.66-0.74: per-group fixed costs "
-     "in both kernels (the backward's per-row sums among them) and ~80 us of Python autograd per call"),
+     "small maps autograd's per-call cost caps the ratio (Xeon, interleaved): at 32x256x7x7 / 8x8 genkern's "
+     "two ops take 0.34 / 0.39-0.41 ms and eager's four ATen kernels 0.45-0.47 / 0.59-0.62 (1.3-1.5x "
+     "slower), and autograd adds 98-107 / 98-113 us to eager and 121-143 / 142-178 us to genkern, growing "
+     "with the data the kernels just streamed through the caches (32 and 47 us at 2x256x1x1); with eager's "
+     "autograd cost genkern would reach 1.29x / 1.42x, so 1.5x needs kernels 19% / 7% faster; an autograd "
+     "kernel in C++ (torch::autograd::Function at the Autograd key) measured slower than the Python "
+     "Function (7x7: 0.56-0.57 against 0.48-0.49 ms); the short-rows backward's per-channel sums "
+     "(row_grad_sums) are 24 us of its 214 at 7x7"),
     ("ddpm_step", "fwd", 4.0,
      "Philox4x32-10 and Box-Muller are ~80% of the fused step (compute-bound); the ratio moves with the "
      "speed of eager's randn_like on the machine (3.3-5.5x over eight runs on the EPYC; on the Xeon "
