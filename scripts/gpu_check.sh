@@ -4,7 +4,8 @@
 # real Triton, not the interpreter), then the benchmark report. Logs and results go to $1.
 #   bash scripts/gpu_check.sh OUT_DIR        (or: make gpu-check OUT=OUT_DIR)
 # Knobs (environment):
-#   STAGES        which stages to run, in order (default "build tests bench"; also "e2e")
+#   STAGES        which stages to run, in order (default "build tests bench"; also "e2e" and
+#                 "candidates", scripts/gpu_candidates)
 #   BENCH_ARGS    extra arguments for `python -m bench` (e.g. --no-compile, --ops group_norm_silu)
 #   TEST_ARGS     extra arguments for pytest (e.g. -k cuda); by default the CPU cases of
 #                 tests/test_large_tensors.py are left to CI (~65 s of page faults and CPU references
@@ -16,7 +17,8 @@
 #                 then keeps what it measured and names the cases it did not reach)
 #   GENKERN_CXX  the C++ compiler (default /usr/bin/g++ when present, see the build stage)
 #   E2E_ARGS      arguments for `python -m bench.e2e` (default: the issue's 256-image cifar10 run)
-# Output (at most 8 files): env.txt build.log tests.log bench.log cuda.{json,md,png} e2e.log
+# Output: env.txt build.log tests.log bench.log cuda.{json,md,png} e2e.log candidates.json. The device
+# tool brings back 8 files: run e2e or candidates in a call without one of the default stages.
 set -uo pipefail
 out=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
 cd "$(dirname "$0")/.."
@@ -34,18 +36,19 @@ status=0
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 
+# The GPU image's default CXX (/opt/gcc/bin/g++, a wrapper) put its own copy of libstdc++'s stream
+# code into genkern/_C.so: the first error message formatted there (a C++ TORCH_CHECK) crashed in
+# std::ostream (seen on an H100 machine, 2026-11-22). The distribution's compiler links libstdc++
+# dynamically, as torch does. Every stage that compiles (build, candidates) uses it.
+for cc in /usr/bin/g++ /usr/bin/c++; do
+  if [ -z "${GENKERN_CXX:-}" ] && [ -x "$cc" ]; then GENKERN_CXX=$cc; fi
+done
+if [ -n "${GENKERN_CXX:-}" ]; then export CXX=$GENKERN_CXX CC=${GENKERN_CC:-/usr/bin/gcc}; fi
+
 for stage in $STAGES; do
   t0=$SECONDS
   case $stage in
     build)
-      # The GPU image's default CXX (/opt/gcc/bin/g++, a wrapper) put its own copy of libstdc++'s
-      # stream code into genkern/_C.so: the first error message formatted there (a C++ TORCH_CHECK)
-      # crashed in std::ostream (seen on an H100 machine, 2026-11-22). The distribution's compiler
-      # links libstdc++ dynamically, as torch does.
-      for cc in /usr/bin/g++ /usr/bin/c++; do
-        if [ -z "${GENKERN_CXX:-}" ] && [ -x "$cc" ]; then GENKERN_CXX=$cc; fi
-      done
-      if [ -n "${GENKERN_CXX:-}" ]; then export CXX=$GENKERN_CXX CC=${GENKERN_CC:-/usr/bin/gcc}; fi
       GENKERN_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -e . --no-build-isolation --no-deps -v \
         > "$out/build.log" 2>&1 || { echo "BUILD FAILED (see build.log)"; tail -60 "$out/build.log"; exit 1; }
       cat genkern/_build_info.json >> "$out/env.txt"
@@ -69,6 +72,11 @@ for stage in $STAGES; do
     e2e)
       $PY -m bench.e2e --device cuda ${E2E_ARGS:-} > "$out/e2e.log" 2>&1 || status=1
       tail -40 "$out/e2e.log"
+      ;;
+    candidates)
+      # kernels not yet in genkern._C, checked and timed against the shipped ones
+      # (scripts/gpu_candidates/README.md); needs the build stage first, in this call or an earlier one
+      timeout ${CANDIDATES_TIMEOUT:-300} $PY scripts/gpu_candidates/run.py "$out" 2>&1 || status=1
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

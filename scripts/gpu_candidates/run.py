@@ -1,0 +1,191 @@
+"""Build, check and time the GPU kernel candidates of scripts/gpu_candidates against the shipped kernels,
+in one call on a GPU machine (after scripts/gpu_check.sh's build stage has built genkern._C):
+
+    python scripts/gpu_candidates/run.py [OUT_DIR]
+
+Checks (fresh random inputs with a non-zero mean, outputs allocated over NaN-filled memory): each
+candidate against the float64 reference (genkern/reference) in forward and backward, at the timed shapes
+and at odd ones. Timing: CUDA events around bursts of calls replayed from CUDA graphs, contenders interleaved in a shuffled order
+each round, median of the rounds, inputs rotated among enough copies to leave the L2 cold; a copy of the
+same bytes timed in the same rounds is the yardstick. Prints one table; OUT_DIR gets it as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import sys
+
+import torch
+import torch.utils.cpp_extension as cpp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+
+import genkern  # noqa: E402
+from genkern import reference as R  # noqa: E402
+
+# (tile_bytes, 16-byte accesses): the pixel norm NCHW variants of pixel_norm_tile.cu
+PIXEL_NORM_VARIANTS = [(64, False), (64, True), (128, True)]
+TIMED = [(32, 512, 64, 64), (16, 512, 32, 32), (64, 512, 8, 8)]
+ODD = [(3, 7, 5, 5), (2, 300, 9, 9), (5, 512, 8, 8), (2, 1000, 4, 4), (1, 3, 1, 2)]
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def build():
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "{}.{}".format(*torch.cuda.get_device_capability())
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    cpp.load(name="genkern_candidates", sources=[os.path.join(HERE, "pixel_norm_tile.cu")],
+             extra_include_paths=[os.path.join(ROOT, "csrc")], extra_cuda_cflags=["-O3"],
+             is_python_module=False, verbose=False)
+
+
+def poison():
+    """Fill the caching allocator's free memory with NaN, so that an element a kernel leaves unwritten
+    shows in the checks."""
+    free = torch.cuda.mem_get_info()[0]
+    big = torch.full(((free // 2) // 4,), float("nan"), device="cuda")
+    small = [torch.full((n,), float("nan"), device="cuda") for n in (256, 4096, 65536, 262143) for _ in range(8)]
+    del big, small
+
+
+def rel_err(got, want):
+    got, want = got.double().cpu(), want.double().cpu()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def check_pixel_norm(shape, dtype, variant):
+    x = (torch.randn(shape, device="cuda") * 0.8 - 1.3).to(dtype)
+    dy = torch.randn(shape, device="cuda").to(dtype)
+    x64 = x.double().cpu().requires_grad_()
+    want = R.pixel_norm(x64, 1e-8)
+    (want_dx,) = torch.autograd.grad(want, x64, dy.double().cpu())
+    try:
+        poison()
+        y, rstd = torch.ops.genkern_candidates.pixel_norm_tile(x, 1e-8, *variant)
+        poison()
+        dx = torch.ops.genkern_candidates.pixel_norm_tile_backward(dy, x, rstd, *variant)
+        torch.cuda.synchronize()
+    except RuntimeError as e:  # a variant that cannot take this shape says so; that is not a failure
+        return f"refused: {str(e).splitlines()[0][:80]}"
+    errs = (rel_err(y, want.detach()), rel_err(dx, want_dx),
+            rel_err(rstd.view(-1), (x64.detach().pow(2).mean(1) + 1e-8).rsqrt().reshape(-1)))
+    return "ok" if max(errs) <= TOL[dtype] else f"FAILED rel err y {errs[0]:.2e} dx {errs[1]:.2e} rstd {errs[2]:.2e}"
+
+
+def time_rounds(fns: dict, rounds=30, burst_ms=2.0):
+    """Median ms per call of each fn: a burst of calls (~burst_ms) captured as one CUDA graph, so that the
+    host's launch cost stays out of small cases, replayed between CUDA events in every round."""
+    graphs, reps = {}, {}
+    for k, f in fns.items():
+        for _ in range(3):
+            f()
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(10):
+            f()
+        e.record()
+        e.synchronize()
+        reps[k] = max(1, min(200, int(burst_ms / max(s.elapsed_time(e) / 10, 1e-3))))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps[k]):
+                f()
+        graphs[k] = g
+    samples = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for k in order:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            graphs[k].replay()
+            e.record()
+            e.synchronize()
+            samples[k].append(s.elapsed_time(e) / reps[k])
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def rotating(make, nbytes):
+    """Enough copies of make()'s tensors that cycling through them leaves the 50 MB L2 cold."""
+    sets = [make() for _ in range(max(1, min(8, (256 << 20) // max(nbytes, 1))))]
+    state = {"i": 0}
+
+    def next_set():
+        state["i"] = (state["i"] + 1) % len(sets)
+        return sets[state["i"]]
+    return next_set
+
+
+def time_pixel_norm(shape, dtype):
+    nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+
+    def make():
+        x = (torch.randn(shape, device="cuda") * 0.8 - 1.3).to(dtype)
+        dy = torch.randn(shape, device="cuda").to(dtype)
+        _, rstd = torch.ops.genkern.pixel_norm(x, 1e-8)
+        return x, dy, rstd, torch.empty_like(x)
+    nxt = rotating(make, 2 * nbytes)
+    ops = torch.ops.genkern
+    cand = torch.ops.genkern_candidates
+    fwd = {"shipped": lambda: ops.pixel_norm(nxt()[0], 1e-8),
+           "copy": lambda: (lambda s: s[3].copy_(s[0]))(nxt())}
+    bwd = {"shipped": lambda: (lambda s: ops.pixel_norm_backward(s[1], s[0], s[2]))(nxt()),
+           "copy": lambda: (lambda s: s[3].copy_(s[0]))(nxt())}
+    for v in PIXEL_NORM_VARIANTS:
+        name = f"tile{v[0]}{'v16' if v[1] else ''}"
+        fwd[name] = lambda v=v: cand.pixel_norm_tile(nxt()[0], 1e-8, *v)
+        bwd[name] = lambda v=v: (lambda s: cand.pixel_norm_tile_backward(s[1], s[0], s[2], *v))(nxt())
+    rows = []
+    for pass_, fns, moved in (("fwd", fwd, 2 * nbytes), ("bwd", bwd, 3 * nbytes)):
+        with torch.no_grad():
+            ms = time_rounds(fns)
+        copy_gbps = 2 * nbytes / ms["copy"] / 1e6
+        for k, t in ms.items():
+            if k == "copy":
+                continue
+            gbps = moved / t / 1e6
+            rows.append(dict(op="pixel_norm", shape="x".join(map(str, shape)), dtype=str(dtype).split(".")[1],
+                             pass_=pass_, impl=k, ms=t, gbps=gbps, frac_copy=gbps / copy_gbps))
+    return rows
+
+
+def main():
+    out = sys.argv[1] if len(sys.argv) > 1 else None
+    build()
+    torch.manual_seed(0)
+    print("checks (pixel norm, NCHW):")
+    failed = False
+    for shape in TIMED + ODD:
+        for dtype in DTYPES + ([torch.float16] if shape in ODD else []):
+            for v in PIXEL_NORM_VARIANTS:
+                res = check_pixel_norm(shape, dtype, v)
+                failed |= res.startswith("FAILED")
+                if res != "ok":
+                    print(f"  {shape} {dtype} tile{v[0]}{'v16' if v[1] else ''}: {res}")
+    print("  all others ok" if not failed else "  SOME FAILED")
+    rows = []
+    for shape in TIMED:
+        for dtype in DTYPES:
+            rows += time_pixel_norm(shape, dtype)
+    print(f"\n{'op':10} {'shape':14} {'dtype':9} {'pass':4} {'impl':10} {'ms':>8} {'GB/s':>7} {'% copy':>7}")
+    for r in rows:
+        print(f"{r['op']:10} {r['shape']:14} {r['dtype']:9} {r['pass_']:4} {r['impl']:10} {r['ms']:8.4f} "
+              f"{r['gbps']:7.0f} {100 * r['frac_copy']:6.0f}%")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "candidates.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, failed=failed, rows=rows),
+                      f, indent=1)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
