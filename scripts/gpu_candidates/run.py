@@ -27,18 +27,23 @@ sys.path.insert(0, ROOT)
 import genkern  # noqa: E402
 from genkern import reference as R  # noqa: E402
 
+SOURCES = ["pixel_norm_tile.cu", "minibatch_stddev_flat.cu"]
 # (tile_bytes, 16-byte accesses): the pixel norm NCHW variants of pixel_norm_tile.cu
 PIXEL_NORM_VARIANTS = [(64, False), (64, True), (128, True)]
 TIMED = [(32, 512, 64, 64), (16, 512, 32, 32), (64, 512, 8, 8)]
 ODD = [(3, 7, 5, 5), (2, 300, 9, 9), (5, 512, 8, 8), (2, 1000, 4, 4), (1, 3, 1, 2)]
 DTYPES = [torch.float32, torch.bfloat16]
+# minibatch_stddev_flat.cu: (shape, group_size, num_channels, channels_last)
+MBSTD_TIMED = [((64, 512, 32, 32), 4, 1, False), ((64, 512, 32, 32), 4, 1, True), ((32, 512, 4, 4), 4, 1, False)]
+MBSTD_ODD = [((4, 3, 5, 5), 4, 1, False), ((6, 10, 3, 3), 3, 2, False), ((8, 64, 4, 4), 4, 1, True),
+             ((8, 63, 4, 4), 2, 1, True), ((2, 16, 1, 1), 2, 1, False), ((16, 32, 8, 8), 4, 2, True)]
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def build():
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "{}.{}".format(*torch.cuda.get_device_capability())
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-    cpp.load(name="genkern_candidates", sources=[os.path.join(HERE, "pixel_norm_tile.cu")],
+    cpp.load(name="genkern_candidates", sources=[os.path.join(HERE, f) for f in SOURCES],
              extra_include_paths=[os.path.join(ROOT, "csrc")], extra_cuda_cflags=["-O3"],
              is_python_module=False, verbose=False)
 
@@ -143,17 +148,65 @@ def time_pixel_norm(shape, dtype):
         name = f"tile{v[0]}{'v16' if v[1] else ''}"
         fwd[name] = lambda v=v: cand.pixel_norm_tile(nxt()[0], 1e-8, *v)
         bwd[name] = lambda v=v: (lambda s: cand.pixel_norm_tile_backward(s[1], s[0], s[2], *v))(nxt())
+    return timed_rows("pixel_norm", "x".join(map(str, shape)), dtype, fwd, bwd, nbytes)
+
+
+def mbstd_input(shape, channels_last, dtype):
+    x = (torch.randn(shape, device="cuda") * 0.8 - 1.3).to(dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def check_minibatch_stddev(shape, G, F, channels_last, dtype, vec):
+    x = mbstd_input(shape, channels_last, dtype)
+    gout = torch.randn((shape[0], shape[1] + F, *shape[2:]), device="cuda").to(dtype)
+    x64 = x.double().cpu().requires_grad_()
+    want = R.minibatch_stddev(x64, G, F, 1e-8)
+    (want_dx,) = torch.autograd.grad(want, x64, gout.double().cpu())
+    poison()
+    out = torch.ops.genkern_candidates.minibatch_stddev_flat(x, G, F, 1e-8, vec)
+    poison()
+    dx = torch.ops.genkern_candidates.minibatch_stddev_flat_backward(gout, x, G, F, 1e-8, vec)
+    torch.cuda.synchronize()
+    errs = (rel_err(out, want.detach()), rel_err(dx, want_dx))
+    return "ok" if max(errs) <= TOL[dtype] else f"FAILED rel err out {errs[0]:.2e} dx {errs[1]:.2e}"
+
+
+def time_minibatch_stddev(shape, G, F, channels_last, dtype):
+    nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+
+    def make():
+        x = mbstd_input(shape, channels_last, dtype)
+        gout = torch.randn((shape[0], shape[1] + F, *shape[2:]), device="cuda").to(dtype)
+        if channels_last:
+            gout = gout.to(memory_format=torch.channels_last)
+        return x, gout, torch.empty_like(x)
+    nxt = rotating(make, 2 * nbytes)
+    ops, cand = torch.ops.genkern, torch.ops.genkern_candidates
+    fwd = {"shipped": lambda: ops.minibatch_stddev(nxt()[0], G, F, 1e-8),
+           "copy": lambda: (lambda s: s[2].copy_(s[0]))(nxt())}
+    bwd = {"shipped": lambda: (lambda s: ops.minibatch_stddev_backward(s[1], s[0], G, F, 1e-8))(nxt()),
+           "copy": lambda: (lambda s: s[2].copy_(s[0]))(nxt())}
+    for vec in (False, True):
+        name = "flatv16" if vec else "flat"
+        fwd[name] = lambda vec=vec: cand.minibatch_stddev_flat(nxt()[0], G, F, 1e-8, vec)
+        bwd[name] = lambda vec=vec: (lambda s: cand.minibatch_stddev_flat_backward(s[1], s[0], G, F, 1e-8, vec))(nxt())
+    label = "x".join(map(str, shape)) + ("cl" if channels_last else "")
+    return timed_rows("minibatch_stddev", label, dtype, fwd, bwd, nbytes)
+
+
+def timed_rows(op, label, dtype, fwd, bwd, nbytes):
+    """Rows of the table: each contender's ms, GB/s (forward moves 2 tensors, backward 3) and the fraction
+    of the copy's GB/s timed in the same rounds."""
     rows = []
     for pass_, fns, moved in (("fwd", fwd, 2 * nbytes), ("bwd", bwd, 3 * nbytes)):
         with torch.no_grad():
             ms = time_rounds(fns)
         copy_gbps = 2 * nbytes / ms["copy"] / 1e6
         for k, t in ms.items():
-            if k == "copy":
-                continue
-            gbps = moved / t / 1e6
-            rows.append(dict(op="pixel_norm", shape="x".join(map(str, shape)), dtype=str(dtype).split(".")[1],
-                             pass_=pass_, impl=k, ms=t, gbps=gbps, frac_copy=gbps / copy_gbps))
+            if k != "copy":
+                gbps = moved / t / 1e6
+                rows.append(dict(op=op, shape=label, dtype=str(dtype).split(".")[1], pass_=pass_, impl=k, ms=t,
+                                 gbps=gbps, frac_copy=gbps / copy_gbps))
     return rows
 
 
@@ -161,8 +214,8 @@ def main():
     out = sys.argv[1] if len(sys.argv) > 1 else None
     build()
     torch.manual_seed(0)
-    print("checks (pixel norm, NCHW):")
     failed = False
+    print("checks (pixel norm, NCHW):")
     for shape in TIMED + ODD:
         for dtype in DTYPES + ([torch.float16] if shape in ODD else []):
             for v in PIXEL_NORM_VARIANTS:
@@ -170,14 +223,25 @@ def main():
                 failed |= res.startswith("FAILED")
                 if res != "ok":
                     print(f"  {shape} {dtype} tile{v[0]}{'v16' if v[1] else ''}: {res}")
+    print("checks (minibatch stddev):")
+    for shape, G, F, cl in MBSTD_TIMED + MBSTD_ODD:
+        for dtype in DTYPES + ([torch.float16] if (shape, G, F, cl) in MBSTD_ODD else []):
+            for vec in (False, True):
+                res = check_minibatch_stddev(shape, G, F, cl, dtype, vec)
+                failed |= res.startswith("FAILED")
+                if res != "ok":
+                    print(f"  {shape} G={G} F={F} {'cl' if cl else 'nchw'} {dtype} vec={vec}: {res}")
     print("  all others ok" if not failed else "  SOME FAILED")
     rows = []
     for shape in TIMED:
         for dtype in DTYPES:
             rows += time_pixel_norm(shape, dtype)
-    print(f"\n{'op':10} {'shape':14} {'dtype':9} {'pass':4} {'impl':10} {'ms':>8} {'GB/s':>7} {'% copy':>7}")
+    for shape, G, F, cl in MBSTD_TIMED:
+        for dtype in DTYPES:
+            rows += time_minibatch_stddev(shape, G, F, cl, dtype)
+    print(f"\n{'op':16} {'shape':16} {'dtype':9} {'pass':4} {'impl':10} {'ms':>8} {'GB/s':>7} {'% copy':>7}")
     for r in rows:
-        print(f"{r['op']:10} {r['shape']:14} {r['dtype']:9} {r['pass_']:4} {r['impl']:10} {r['ms']:8.4f} "
+        print(f"{r['op']:16} {r['shape']:16} {r['dtype']:9} {r['pass_']:4} {r['impl']:10} {r['ms']:8.4f} "
               f"{r['gbps']:7.0f} {100 * r['frac_copy']:6.0f}%")
     if out:
         os.makedirs(out, exist_ok=True)
