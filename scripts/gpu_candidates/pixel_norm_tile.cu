@@ -168,9 +168,12 @@ void launch_tile(const PixelNormShape& s, int tensors, const Launch& launch) {
   constexpr int V = kVec ? kPack16<T> : 1;
   TORCH_CHECK(!kVec || s.P % V == 0, "pixel_norm_tile: 16-byte accesses need prod(spatial) divisible by ", V);
   const int64_t smem = static_cast<int64_t>(tensors) * s.C * kTileBytes;
-  int device = 0, limit = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  static const int limit = [] {  // read once, before any CUDA graph captures a launch (run.py)
+    int device = 0, bytes = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    return bytes;
+  }();
   TORCH_CHECK(smem + kThreads * V * 4 + TP * 4 <= limit, "pixel_norm_tile: C=", s.C, " needs ", smem,
               " bytes of shared memory per block, over the device's ", limit);
   const int64_t blocks = s.N * ((s.P + TP - 1) / TP);
