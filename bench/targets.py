@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 
 # op, pass, minimum speedup over eager, why it is missed when it is (CPU: the 2-core machines of CI, an
-# AVX2 AMD EPYC until 2026-11-23, since then an AVX-512 Intel Xeon; README, Results (CPU), and bench/results/cpu_history.md)
+# AVX2 AMD EPYC until 2026-11-23, since then an AVX-512 Intel Xeon; README, Results (CPU), and
+# bench/results/cpu_history.md)
 CPU_VS_EAGER = [
     ("group_norm_silu", "fwd", 2.0,
      "compute-bound: on the Xeon the forward issues ~18 vector operations per 16 values (statistics ~3, "
