@@ -49,6 +49,34 @@ Geo make_geo(const MbstdShape& s, const at::Tensor& x, const at::Tensor& o) {
           o.stride(0), o.stride(1), o.stride(3), s.channels_last};
 }
 
+// The mean and the sum of squared deviations over the column's G samples of the V positions at x's
+// offset xo (within a sample); each sample's pack is also handed to first_walk(i, pack) as it is read.
+template <typename T, int V, typename FirstWalk>
+__device__ __forceinline__ void column_stats(const T* __restrict__ x, const Geo& g, int64_t m, int64_t xo,
+                                             float (&mean)[V], float (&var)[V], const FirstWalk& first_walk) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) mean[e] = var[e] = 0.f;
+#pragma unroll 2
+  for (int64_t k = 0; k < g.G; ++k) {
+    const int64_t i = k * g.M + m;
+    const auto v = *reinterpret_cast<const VecPack<T, V>*>(x + i * g.sxN + xo);
+    first_walk(i, v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) mean[e] += static_cast<float>(v.v[e]);
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) mean[e] /= g.G;
+#pragma unroll 2
+  for (int64_t k = 0; k < g.G; ++k) {
+    const auto v = *reinterpret_cast<const VecPack<T, V>*>(x + (k * g.M + m) * g.sxN + xo);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float d = static_cast<float>(v.v[e]) - mean[e];
+      var[e] += d * d;
+    }
+  }
+}
+
 // V consecutive positions stay in one channel row (NCHW: P % V == 0) or one pixel (channels-last:
 // c % V == 0) and are contiguous in x and out; the host picks V = 1 otherwise.
 template <typename T, int V>
@@ -61,27 +89,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const T* __restrict__
   if (j < g.c * g.P) {
     int64_t xo, oo;
     g.offsets(f, j, xo, oo);
-    float mean[V] = {};
-#pragma unroll 4
-    for (int64_t k = 0; k < g.G; ++k) {
-      const int64_t i = k * g.M + m;
-      const auto v = *reinterpret_cast<const VecPack<T, V>*>(x + i * g.sxN + xo);
-      *reinterpret_cast<VecPack<T, V>*>(out + i * g.soN + oo) = v;
-#pragma unroll
-      for (int e = 0; e < V; ++e) mean[e] += static_cast<float>(v.v[e]);
-    }
-    float var[V] = {};
-#pragma unroll
-    for (int e = 0; e < V; ++e) mean[e] /= g.G;
-#pragma unroll 4
-    for (int64_t k = 0; k < g.G; ++k) {
-      const auto v = *reinterpret_cast<const VecPack<T, V>*>(x + (k * g.M + m) * g.sxN + xo);
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const float d = static_cast<float>(v.v[e]) - mean[e];
-        var[e] += d * d;
-      }
-    }
+    float mean[V], var[V];
+    column_stats<T, V>(x, g, m, xo, mean, var, [&](int64_t i, const VecPack<T, V>& v) {
+      *reinterpret_cast<VecPack<T, V>*>(out + i * g.soN + oo) = v;  // the copy of x into out
+    });
 #pragma unroll
     for (int e = 0; e < V; ++e) s += sqrtf(var[e] / g.G + eps);
   }
@@ -115,28 +126,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const T* __restrict_
   if (j >= g.c * g.P) return;
   int64_t xo, oo;
   g.offsets(f, j, xo, oo);
-  float mean[V] = {}, var[V] = {};
-#pragma unroll 4
-  for (int64_t k = 0; k < g.G; ++k) {
-    const auto v = *reinterpret_cast<const VecPack<T, V>*>(x + (k * g.M + m) * g.sxN + xo);
-#pragma unroll
-    for (int e = 0; e < V; ++e) mean[e] += static_cast<float>(v.v[e]);
-  }
-#pragma unroll
-  for (int e = 0; e < V; ++e) mean[e] /= g.G;
-#pragma unroll 4
-  for (int64_t k = 0; k < g.G; ++k) {
-    const auto v = *reinterpret_cast<const VecPack<T, V>*>(x + (k * g.M + m) * g.sxN + xo);
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      const float d = static_cast<float>(v.v[e]) - mean[e];
-      var[e] += d * d;
-    }
-  }
+  float mean[V], var[V];
+  column_stats<T, V>(x, g, m, xo, mean, var, [](int64_t, const VecPack<T, V>&) {});
   float scale[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) scale[e] = coef[mf] * rsqrtf(var[e] / g.G + eps);
-#pragma unroll 4
+#pragma unroll 2
   for (int64_t k = 0; k < g.G; ++k) {
     const int64_t i = k * g.M + m;
     const auto v = *reinterpret_cast<const VecPack<T, V>*>(x + i * g.sxN + xo);
