@@ -14,7 +14,7 @@ import torch
 
 import genkern
 
-from bench.harness import compiled, kernel_backends, on_backend, pytest_benchmark_run
+from bench.harness import compiled, kernel_backends, on_backend, pytest_benchmark_run, report_dtypes
 from genkern.ops.ddpm_step import bytes_moved
 
 OP = "ddpm_step"
@@ -83,9 +83,8 @@ def case_callables(impls, shape, cfg, dtype, device, backward=False, **_):
 
 
 def cases(quick: bool, device: str):
-    dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
     for c in (GPU if device == "cuda" else QUICK if quick else FULL):
-        for dtype in dtypes:
+        for dtype in report_dtypes(device, quick):
             yield dict(c, dtype=dtype)
 
 

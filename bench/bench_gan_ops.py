@@ -12,7 +12,7 @@ import torch
 
 import genkern
 
-from bench.harness import compiled, kernel_backends, on_backend, pytest_benchmark_run
+from bench.harness import compiled, kernel_backends, on_backend, pytest_benchmark_run, report_dtypes
 from models.layers import eager_minibatch_stddev, eager_pixel_norm
 from genkern.ops.gradient_penalty import bytes_moved as gp_bytes
 from genkern.ops.minibatch_stddev import bytes_moved as mb_bytes
@@ -78,11 +78,12 @@ class _Op:
         if device == "cuda":  # the first GPU shape is the large one: both layouts there
             for k, shape in enumerate(self.GPU):
                 for channels_last in ((False, True) if k == 0 and len(shape) == 4 else (False,)):
-                    for dtype in (torch.float32, torch.bfloat16):
+                    for dtype in report_dtypes(device, quick):
                         yield dict(shape=shape, dtype=dtype, channels_last=channels_last)
             return
         for shape in (self.QUICK if quick else self.FULL):
-            yield dict(shape=shape, dtype=torch.float32, channels_last=False)
+            for dtype in report_dtypes(device, quick):
+                yield dict(shape=shape, dtype=dtype, channels_last=False)
         if not quick:
             yield dict(shape=self.QUICK[0], dtype=torch.float32, channels_last=True)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import genkern
 
-from bench.harness import compiled, kernel_backends, on_backend, pytest_benchmark_run
+from bench.harness import compiled, kernel_backends, on_backend, pytest_benchmark_run, report_dtypes
 from genkern.ops.group_norm_silu import bytes_moved
 
 OP = "group_norm_silu"
@@ -88,10 +88,10 @@ def cases(quick: bool, device: str):
                 for dtype in dtypes:
                     yield dict(shape=shape, G=G, dtype=dtype, channels_last=channels_last)
         return
-    dtypes = [torch.float32] if (quick or device == "cpu") else [torch.float32, torch.bfloat16]
     for shape, G in (QUICK if quick else FULL):
         for channels_last in ([False] if quick else [False, True]):
-            for dtype in dtypes:
+            # bfloat16 in NCHW: channels-last takes the same per-element path
+            for dtype in (report_dtypes(device, quick) if not channels_last else (torch.float32,)):
                 yield dict(shape=shape, G=G, dtype=dtype, channels_last=channels_last)
     if quick:  # one channels-last case keeps that path honest in the quick report
         yield dict(shape=QUICK[0][0], G=QUICK[0][1], dtype=torch.float32, channels_last=True)

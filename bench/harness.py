@@ -92,6 +92,13 @@ def _cuda_burst(fn: Callable[[], object], reps: int) -> float:
     return begin.elapsed_time(end) / 1e3
 
 
+def report_dtypes(device: str, quick: bool) -> tuple:
+    """The dtypes a report runs its cases in: float32 alone in the quick CPU report (the issues' CPU targets
+    are float32), float32 and bfloat16 otherwise. The kernels compute in float32 for bfloat16 inputs on
+    every backend; a CPU without native bfloat16 runs them too, converting on load and store."""
+    return (torch.float32,) if (device == "cpu" and quick) else (torch.float32, torch.bfloat16)
+
+
 def compiled(fn: Callable, device: str) -> Callable:
     """torch.compile of an eager contender, as fairly as Inductor allows: on CUDA the autotuning mode
     (without CUDA graphs, which the other contenders do not get), on CPU the default. Every case is

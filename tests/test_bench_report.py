@@ -40,6 +40,17 @@ def test_cpu_targets_report_misses_with_their_reason():
     assert text.count("MISSED") == sum(not c["met"] for c in checks)
 
 
+def test_cpu_targets_judge_float32_rows_only():
+    # the issues' CPU targets are float32 ones: a bfloat16 row far under them adds no entry on the CPU
+    rows = [_row("group_norm_silu", "8x512x32x32", "fwd", "genkern[cpu]", 1.1, 0.5, frac_copy=0.1, dtype="bfloat16"),
+            _row("group_norm_silu", "8x512x32x32", "fwd", "genkern[cpu]", 2.5, 1.4, frac_copy=0.9)]
+    checks = targets.check(rows, "cpu", "cpu")
+    assert checks and all(c["case"].endswith("float32 fwd") and c["met"] for c in checks)
+    # on the GPU both dtypes are judged (issue 7 names bf16 and fp32)
+    gpu = [dict(r, impl="genkern[cuda]", shape="32x512x64x64") for r in rows]
+    assert any("bfloat16" in c["case"] and not c["met"] for c in targets.check(gpu, "cuda", "cuda"))
+
+
 def test_a_copy_bandwidth_miss_takes_the_reason_of_its_pass():
     rows = [_row("pixel_norm", "16x512x32x32", "fwd", "genkern[cpu]", 3.1, 1.8, frac_copy=0.5),
             _row("pixel_norm", "16x512x32x32", "fwd+bwd", "genkern[cpu]", 3.5, 1.8, frac_copy=0.5)]
