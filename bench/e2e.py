@@ -12,6 +12,7 @@ Contenders, the same weights in each:
                   in the kernel)
   genkern+graphs  as genkern, with the network call captured once in a CUDA graph and replayed every
                   step (the step itself is one kernel launch with host scalars, so it stays outside)
+Model, input and loop run in channels_last (--no-channels-last: NCHW), every contender alike.
 The DDPM paper reports 256 CIFAR-10 samples in 17 s on a TPU v3-8 (about 15 images/s).
 The critic step (--critic): D(real), D(fake), the gradient penalty through D's double backward, the
 drift term, backward and an Adam step; fused = genkern's pixel norm / minibatch stddev / penalty.
