@@ -15,7 +15,7 @@
 #                 stay under 10 minutes on an H100: build ~80 s, tests ~150-170 s with 8 xdist workers;
 #                 torch.compile's max-autotune makes the full bench longer than 300 s, and the report
 #                 then keeps what it measured and names the cases it did not reach)
-#   GENKERN_CXX  the C++ compiler (default /usr/bin/g++ when present, see the build stage)
+#   GENKERN_CXX  the C++ compiler (default /usr/bin/g++ when present; why: below the environment report)
 #   E2E_ARGS      arguments for `python -m bench.e2e` (default: the issue's 256-image cifar10 run)
 # Output: env.txt build.log tests.log bench.log cuda.{json,md,png} e2e.log candidates.json. The device
 # tool brings back 8 files: run e2e or candidates in a call without one of the default stages.
