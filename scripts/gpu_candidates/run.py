@@ -58,6 +58,12 @@ def poison():
     del big, small
 
 
+def cuda_input(shape, dtype, channels_last=False):
+    """A random input with a non-zero mean (so that variance bugs show), on the GPU."""
+    x = (torch.randn(shape, device="cuda") * 0.8 - 1.3).to(dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
 def rel_err(got, want):
     got, want = got.double().cpu(), want.double().cpu()
     if not torch.isfinite(got).all():
@@ -66,7 +72,7 @@ def rel_err(got, want):
 
 
 def check_pixel_norm(shape, dtype, variant):
-    x = (torch.randn(shape, device="cuda") * 0.8 - 1.3).to(dtype)
+    x = cuda_input(shape, dtype)
     dy = torch.randn(shape, device="cuda").to(dtype)
     x64 = x.double().cpu().requires_grad_()
     want = R.pixel_norm(x64, 1e-8)
@@ -133,20 +139,19 @@ def rotating(make, nbytes):
 
 
 def time_pixel_norm(shape, dtype):
-    nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
 
     def make():
-        x = (torch.randn(shape, device="cuda") * 0.8 - 1.3).to(dtype)
+        x = cuda_input(shape, dtype)
         dy = torch.randn(shape, device="cuda").to(dtype)
         _, rstd = torch.ops.genkern.pixel_norm(x, 1e-8)
         return x, dy, rstd, torch.empty_like(x)
     nxt = rotating(make, 2 * nbytes)
     ops = torch.ops.genkern
     cand = torch.ops.genkern_candidates
-    fwd = {"shipped": lambda: ops.pixel_norm(nxt()[0], 1e-8),
-           "copy": lambda: (lambda s: s[3].copy_(s[0]))(nxt())}
-    bwd = {"shipped": lambda: (lambda s: ops.pixel_norm_backward(s[1], s[0], s[2]))(nxt()),
-           "copy": lambda: (lambda s: s[3].copy_(s[0]))(nxt())}
+    copy = lambda: (lambda s: s[3].copy_(s[0]))(nxt())  # noqa: E731  (the same yardstick in both passes)
+    fwd = {"shipped": lambda: ops.pixel_norm(nxt()[0], 1e-8), "copy": copy}
+    bwd = {"shipped": lambda: (lambda s: ops.pixel_norm_backward(s[1], s[0], s[2]))(nxt()), "copy": copy}
     for v in PIXEL_NORM_VARIANTS:
         name = f"tile{v[0]}{'v16' if v[1] else ''}"
         fwd[name] = lambda v=v: cand.pixel_norm_tile(nxt()[0], 1e-8, *v)
@@ -154,13 +159,8 @@ def time_pixel_norm(shape, dtype):
     return timed_rows("pixel_norm", "x".join(map(str, shape)), dtype, fwd, bwd, nbytes)
 
 
-def mbstd_input(shape, channels_last, dtype):
-    x = (torch.randn(shape, device="cuda") * 0.8 - 1.3).to(dtype)
-    return x.to(memory_format=torch.channels_last) if channels_last else x
-
-
 def check_minibatch_stddev(shape, G, F, channels_last, dtype, vec):
-    x = mbstd_input(shape, channels_last, dtype)
+    x = cuda_input(shape, dtype, channels_last)
     gout = torch.randn((shape[0], shape[1] + F, *shape[2:]), device="cuda").to(dtype)
     x64 = x.double().cpu().requires_grad_()
     want = R.minibatch_stddev(x64, G, F, 1e-8)
@@ -175,20 +175,20 @@ def check_minibatch_stddev(shape, G, F, channels_last, dtype, vec):
 
 
 def time_minibatch_stddev(shape, G, F, channels_last, dtype):
-    nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
 
     def make():
-        x = mbstd_input(shape, channels_last, dtype)
+        x = cuda_input(shape, dtype, channels_last)
         gout = torch.randn((shape[0], shape[1] + F, *shape[2:]), device="cuda").to(dtype)
         if channels_last:
             gout = gout.to(memory_format=torch.channels_last)
         return x, gout, torch.empty_like(x)
     nxt = rotating(make, 2 * nbytes)
     ops, cand = torch.ops.genkern, torch.ops.genkern_candidates
-    fwd = {"shipped": lambda: ops.minibatch_stddev(nxt()[0], G, F, 1e-8),
-           "copy": lambda: (lambda s: s[2].copy_(s[0]))(nxt())}
+    copy = lambda: (lambda s: s[2].copy_(s[0]))(nxt())  # noqa: E731  (the same yardstick in both passes)
+    fwd = {"shipped": lambda: ops.minibatch_stddev(nxt()[0], G, F, 1e-8), "copy": copy}
     bwd = {"shipped": lambda: (lambda s: ops.minibatch_stddev_backward(s[1], s[0], G, F, 1e-8))(nxt()),
-           "copy": lambda: (lambda s: s[2].copy_(s[0]))(nxt())}
+           "copy": copy}
     for vec in (False, True):
         name = "flatv16" if vec else "flat"
         fwd[name] = lambda vec=vec: cand.minibatch_stddev_flat(nxt()[0], G, F, 1e-8, vec)
