@@ -3,7 +3,8 @@
 `python -m bench` prints the check under its table and writes it into the JSON and markdown, so a miss
 is never silent. CPU targets (float32 rows, one process, genkern's default backend against eager PyTorch):
 the kernel issues' factors, level with torch.compile everywhere, and 60% of the measured copy bandwidth
-for the large memory-bound cases; rows in other dtypes are reported, not checked. GPU targets: issue 7's roofline fractions and 1.1x torch.compile.
+for the large memory-bound cases; rows in other dtypes are reported, not checked. GPU targets: issue 7's
+roofline fractions and 1.1x torch.compile.
 The reasons are what profiling on the named device showed; they are the kernels' documentation of
 where their time goes, kept next to the numbers they explain.
 """
