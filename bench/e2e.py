@@ -12,7 +12,9 @@ Contenders, the same weights in each:
                   in the kernel)
   genkern+graphs  as genkern, with the network call captured once in a CUDA graph and replayed every
                   step (the step itself is one kernel launch with host scalars, so it stays outside)
-Model, input and loop run in channels_last (--no-channels-last: NCHW), every contender alike.
+Model, input and loop run in channels_last (--no-channels-last: NCHW), every contender alike, and so
+does the critic step; on CUDA cuDNN picks its convolution algorithms by timing them (--no-cudnn-benchmark:
+its heuristics).
 The DDPM paper reports 256 CIFAR-10 samples in 17 s on a TPU v3-8 (about 15 images/s).
 The critic step (--critic): D(real), D(fake), the gradient penalty through D's double backward, the
 drift term, backward and an Adam step; fused = genkern's pixel norm / minibatch stddev / penalty.
@@ -121,17 +123,20 @@ def profile_summary(fn, device, label: str) -> dict:
     return totals
 
 
-def critic_step_bench(device, dtype, batch: int, config: str, reps: int, profile: bool) -> dict:
-    """One WGAN-GP critic step of the ProGAN discriminator at full resolution, fused vs eager."""
+def critic_step_bench(device, dtype, batch: int, config: str, reps: int, profile: bool,
+                      memory_format=torch.contiguous_format) -> dict:
+    """One WGAN-GP critic step of the ProGAN discriminator at full resolution, fused vs eager; networks and
+    real images in `memory_format`."""
     from models import progan
     torch.manual_seed(0)
-    G = progan.Generator(config, fused=True).to(device=device, dtype=dtype)
+    G = progan.Generator(config, fused=True).to(device=device, dtype=dtype, memory_format=memory_format)
     size = progan.CONFIGS[config]["image_size"]
     real = torch.rand(batch, progan.CONFIGS[config]["in_channels"], size, size, device=device, dtype=dtype) * 2 - 1
+    real = real.contiguous(memory_format=memory_format)
     z = torch.randn(batch, G.latent, device=device, dtype=dtype)
     builds = {}
     for name, fused in (("eager", False), ("genkern", True)):
-        D = progan.Discriminator(config, fused=fused).to(device=device, dtype=dtype)
+        D = progan.Discriminator(config, fused=fused).to(device=device, dtype=dtype, memory_format=memory_format)
         if builds:
             D.load_state_dict(next(iter(builds.values()))[0].state_dict())
         builds[name] = (D, torch.optim.Adam(D.parameters(), lr=1e-4, betas=(0.0, 0.99)), fused)
@@ -154,8 +159,9 @@ def critic_step_bench(device, dtype, batch: int, config: str, reps: int, profile
             sync(device)
             times[n].append(time.perf_counter() - t0)
     res = {}
+    layout = "channels_last" if memory_format == torch.channels_last else "NCHW"
     print(f"WGAN-GP critic step, ProGAN discriminator ({config}, {size}x{size}), batch {batch}, "
-          f"{str(dtype).replace('torch.', '')} on {device}, median of {reps}:")
+          f"{str(dtype).replace('torch.', '')} on {device}, {layout}, median of {reps}:")
     for n, ts in times.items():
         med = sorted(ts)[len(ts) // 2]
         res[n] = dict(ms=med * 1e3)
@@ -185,8 +191,12 @@ def main(argv=None):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="run the U-Net, its input and the sampling loop in channels_last (default; the "
                         "convolutions run faster so, on the Xeon too)")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="let cuDNN time its convolution algorithms for the loop's fixed shapes (default; every "
+                        "contender alike, as a user of a fixed-shape sampling loop would)")
     args = p.parse_args(argv)
     device = args.device
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -210,10 +220,7 @@ def main(argv=None):
         if name == "genkern+graphs" and not graphed:  # captured once, in the warm-up run (not timed)
             graphed["model"] = GraphedModel(fused, shape, device, dtype, fmt)
         model = graphed["model"] if name == "genkern+graphs" else fused
-        # the start noise sample() draws for seed=1, in the loop's memory format
-        latents = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
-        return sample(model, scheduler, shape, seed=1, latents=latents.contiguous(memory_format=fmt), device=device,
-                      dtype=dtype, progress=False)
+        return sample(model, scheduler, shape, seed=1, device=device, dtype=dtype, memory_format=fmt, progress=False)
 
     results = {}
     with torch.no_grad():
@@ -238,7 +245,7 @@ def main(argv=None):
             for name in impls:
                 results[name]["profile_ms_one_step"] = profile_summary(lambda n=name: run(n, short), device,
                                                                        f"one sampling step, {name}")
-    critic = critic_step_bench(device, dtype, args.critic_batch, args.critic_config, 10, args.profile) \
+    critic = critic_step_bench(device, dtype, args.critic_batch, args.critic_config, 10, args.profile, fmt) \
         if args.critic else None
     base = results.get("eager", {}).get("seconds")
     if base:
@@ -250,6 +257,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(dict(config=args.config, batch=args.batch, steps=args.steps, dtype=str(dtype), device=device,
                            memory_format="channels_last" if args.channels_last else "contiguous",
+                           cudnn_benchmark=args.cudnn_benchmark if device == "cuda" else None,
                            device_name=device_name(device), date=datetime.date.today().isoformat(),
                            cpu_isa=genkern._extension.BUILD_INFO.get("cpu_isa"), torch=torch.__version__,
                            results=results, critic_step=critic), f, indent=1)

@@ -210,7 +210,48 @@ def test_sampler_callback_progress_and_inpainting():
     assert not torch.allclose(x[..., 3:], known[..., 3:])
 
 
+def test_sampler_channels_last():
+    """memory_format=channels_last: the model sees channels-last x at every step and the loop returns it
+    so. Noise drawn from a generator is the same logical tensor in either layout, so the samples are
+    diffusers' loop's; in-kernel noise fills memory in order, so a seed gives other samples than in NCHW,
+    the same on every backend."""
+    torch.manual_seed(0)
+    model = TinyEps()
+    seen = []
+
+    def spy(x, t):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return model(x, t)
+    shape, cl = (2, 3, 6, 6), torch.channels_last
+    with torch.no_grad():
+        ours = sample(spy, DDPMScheduler(), shape, num_inference_steps=8, generator=torch.Generator().manual_seed(9),
+                      memory_format=cl, progress=False)
+        ref_s = diffusers.DDPMScheduler()
+        ref_s.set_timesteps(8)
+        gen = torch.Generator().manual_seed(9)
+        x = torch.randn(shape, generator=gen)
+        for t in ref_s.timesteps:
+            x = ref_s.step(model(x, torch.full((2,), int(t))), t, x, generator=gen).prev_sample
+    assert seen == [True] * 8 and ours.is_contiguous(memory_format=cl)
+    assert_close(ours, x.double(), torch.float32, "channels_last loop vs diffusers", scale=3.0)
+
+    outs = {}
+    for b in genkern.backends("cpu"):
+        with genkern.use_backend(b), torch.no_grad():
+            outs[b] = sample(model, DDPMScheduler(), shape, num_inference_steps=8, seed=5, memory_format=cl,
+                             progress=False)
+            assert outs[b].is_contiguous(memory_format=cl)
+    ref = outs.pop("reference")
+    for b, o in outs.items():
+        assert_close(o, ref.double(), torch.float32, f"{b} vs reference, channels_last", scale=3.0)
+    with torch.no_grad():
+        nchw = sample(model, DDPMScheduler(), shape, num_inference_steps=8, seed=5, progress=False)
+    assert not torch.allclose(ref, nchw, atol=1e-2)  # the noise follows memory order
+
+
 def test_sampler_bad_inputs():
+    with pytest.raises(TypeError, match="memory_format must be a torch.memory_format"):
+        sample(TinyEps(), DDPMScheduler(), (1, 3, 4, 4), memory_format="channels_last", progress=False)
     with pytest.raises(ValueError, match="null_label"):
         sample(TinyEps(), DDPMScheduler(), (1, 3, 4, 4), guidance_scale=2.0, progress=False)
     with pytest.raises(ValueError, match="DDIM needs num_inference_steps"):

@@ -19,7 +19,8 @@ def sample(model: Callable, scheduler, shape: Sequence[int], *, num_inference_st
            null_label: Optional[int] = None, eta: float = 0.0, generator: Optional[torch.Generator] = None,
            seed: Optional[int] = None, latents: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
            known: Optional[torch.Tensor] = None, device=None, dtype: torch.dtype = torch.float32,
-           progress: bool = True, callback: Optional[Callable] = None) -> torch.Tensor:
+           memory_format: torch.memory_format = torch.contiguous_format, progress: bool = True,
+           callback: Optional[Callable] = None) -> torch.Tensor:
     """Draw samples of ``shape`` = (B, C, H, W) by running ``scheduler`` from pure noise to t = 0.
 
     ``model(x, t)`` (or ``model(x, t, class_labels)`` when labels are given) returns the prediction the
@@ -31,12 +32,19 @@ def sample(model: Callable, scheduler, shape: Sequence[int], *, num_inference_st
     Reproducibility: ``seed`` fixes the start noise and every step's in-kernel noise, on every backend;
     ``generator`` draws both from a torch.Generator as diffusers does (a noise tensor per step).
     ``mask``/``known``: inpainting, 1 = keep ``known``. ``callback(i, t, x)`` runs after each step.
+    ``memory_format``: the layout of x through the loop (what the model sees and what is returned), e.g.
+    ``torch.channels_last`` for a model converted with ``.to(memory_format=torch.channels_last)``, whose
+    convolutions then take no layout conversions. The start noise is drawn as for NCHW and then laid
+    out; the in-kernel noise fills memory in order (as ``randn_like`` does), so a seed's samples in
+    channels_last differ from its NCHW samples, equally distributed.
     """
     if guidance_scale is not None:
         if class_labels is None or null_label is None:
             raise ValueError("sample: guidance_scale needs class_labels and the model's null_label")
     if seed is not None and generator is not None:
         raise ValueError("sample: pass seed or generator, not both")
+    if not isinstance(memory_format, torch.memory_format):
+        raise TypeError(f"sample: memory_format must be a torch.memory_format, got {memory_format!r}")
     device = torch.device(device) if device is not None else (
         latents.device if latents is not None else torch.device("cpu"))
     shape = tuple(int(s) for s in shape)
@@ -51,7 +59,7 @@ def sample(model: Callable, scheduler, shape: Sequence[int], *, num_inference_st
         latents = torch.randn(shape, generator=g, device=g.device, dtype=dtype).to(device)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"sample: latents must have shape {shape}, got {tuple(latents.shape)}")
-    x = latents.to(device=device, dtype=dtype) * scheduler.init_noise_sigma
+    x = (latents.to(device=device, dtype=dtype) * scheduler.init_noise_sigma).contiguous(memory_format=memory_format)
     if mask is not None or known is not None:
         if mask is None or known is None:
             raise ValueError("sample: mask and known must be given together")
