@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 import genkern  # noqa: E402,F401  (loads genkern._C: the shipped ops timed against)
 from genkern import reference as R  # noqa: E402
 
-SOURCES = ["pixel_norm_tile.cu", "minibatch_stddev_flat.cu"]
+SOURCES = ["pixel_norm_tile.cu", "minibatch_stddev_flat.cu", "group_norm_silu_min_blocks.cu"]
 # (tile_bytes, 16-byte accesses): the pixel norm NCHW variants of pixel_norm_tile.cu
 PIXEL_NORM_VARIANTS = [(64, False), (64, True), (128, True)]
 TIMED = [(32, 512, 64, 64), (16, 512, 32, 32), (64, 512, 8, 8)]
@@ -38,6 +38,13 @@ DTYPES = [torch.float32, torch.bfloat16]
 MBSTD_TIMED = [((64, 512, 32, 32), 4, 1, False), ((64, 512, 32, 32), 4, 1, True), ((32, 512, 4, 4), 4, 1, False)]
 MBSTD_ODD = [((4, 3, 5, 5), 4, 1, False), ((6, 10, 3, 3), 3, 2, False), ((8, 64, 4, 4), 4, 1, True),
              ((8, 63, 4, 4), 2, 1, True), ((2, 16, 1, 1), 2, 1, False), ((16, 32, 8, 8), 4, 2, True)]
+# group_norm_silu_min_blocks.cu: (shape, num_groups, channels_last, activation); the shipped one-pass kernels
+# take min_blocks 3, the candidates 1 and 2
+GN_MIN_BLOCKS = (1, 2)
+GN_TIMED = [((32, 512, 64, 64), 32, False, "silu"), ((32, 512, 64, 64), 32, True, "silu"),
+            ((16, 256, 32, 32), 32, False, "silu"), ((16, 256, 32, 32), 32, True, "silu")]
+GN_ODD = [((3, 6, 5, 5), 3, False, "silu"), ((2, 64, 7, 7), 32, True, "silu"), ((4, 32, 8, 8), 8, True, "gelu"),
+          ((4, 32, 8, 8), 8, False, None), ((1, 512, 64, 64), 32, False, "silu"), ((2, 96, 12, 12), 1, True, "silu")]
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
@@ -45,7 +52,9 @@ def build():
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "{}.{}".format(*torch.cuda.get_device_capability())
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     cpp.load(name="genkern_candidates", sources=[os.path.join(HERE, f) for f in SOURCES],
-             extra_include_paths=[os.path.join(ROOT, "csrc")], extra_cuda_cflags=["-O3"],
+             extra_include_paths=[os.path.join(ROOT, "csrc")],
+             # setup.py's nvcc flags, so that a candidate and the shipped kernel it races compile alike
+             extra_cuda_cflags=["-O3", "--use_fast_math", "--expt-relaxed-constexpr"],
              is_python_module=False, verbose=False)
 
 
@@ -197,6 +206,72 @@ def time_minibatch_stddev(shape, G, F, channels_last, dtype):
     return timed_rows("minibatch_stddev", label, dtype, fwd, bwd, nbytes)
 
 
+def gn_params(C, dtype):
+    return (torch.randn(C, device="cuda") * 0.5 + 1).to(dtype), (torch.randn(C, device="cuda") * 0.3).to(dtype)
+
+
+def check_group_norm_silu(shape, G, channels_last, act, dtype, min_blocks):
+    """The candidate against the float64 reference: y, mean, rstd, and dx, dweight, dbias."""
+    x = cuda_input(shape, dtype, channels_last)
+    w, b = gn_params(shape[1], dtype)
+    dy = torch.randn(shape, device="cuda").to(dtype).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x64, w64, b64 = (t.double().cpu().requires_grad_() for t in (x, w, b))
+    want = R.group_norm_silu(x64, G, w64, b64, 1e-5, act or "none")
+    want_grads = torch.autograd.grad(want, (x64, w64, b64), dy.double().cpu())
+    xg = x64.detach().reshape(shape[0], G, -1)
+    want_mean, want_rstd = xg.mean(-1), (xg.var(-1, unbiased=False) + 1e-5).rsqrt()
+    cand = torch.ops.genkern_candidates
+    try:
+        poison()
+        y, mean, rstd = cand.group_norm_silu_min_blocks(x, w, b, G, 1e-5, act or "none", min_blocks)
+        poison()
+        grads = cand.group_norm_silu_min_blocks_backward(dy, x, w, b, mean, rstd, G, act or "none", min_blocks)
+        torch.cuda.synchronize()
+    except RuntimeError as e:  # a shape the one-pass path does not take says so; that is not a failure
+        if "group_norm_silu_min_blocks" not in str(e):
+            raise
+        return f"refused: {str(e).splitlines()[0][:80]}"
+    errs = [rel_err(y, want.detach()), rel_err(mean, want_mean), rel_err(rstd, want_rstd)]
+    errs += [rel_err(g, wg) for g, wg in zip(grads, want_grads)]
+    layout_ok = y.is_contiguous(memory_format=torch.channels_last) == channels_last or shape[2] * shape[3] == 1
+    # the same arithmetic as the shipped kernels, so the same bits are expected; a difference is reported
+    shipped = torch.ops.genkern.group_norm_silu(x, w, b, G, 1e-5, act or "none")
+    shipped += torch.ops.genkern.group_norm_silu_backward(dy, x, w, b, mean, rstd, G, act or "none")
+    same = all(torch.equal(a, s) for a, s in zip((y, mean, rstd, *grads), shipped))
+    # dbias and dweight sum N*HW terms of both signs in float32: 1e-4 of their norm for float32
+    if max(errs) <= max(TOL[dtype], 1e-4) and layout_ok:
+        return "ok" if same else "ok, but not bit-identical to the shipped kernels"
+    names = ("y", "mean", "rstd", "dx", "dweight", "dbias")
+    return "FAILED rel err " + " ".join(f"{n} {e:.2e}" for n, e in zip(names, errs)) + ("" if layout_ok else " layout")
+
+
+def time_group_norm_silu(shape, G, channels_last, act, dtype):
+    act = act or "none"
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def make():
+        x = cuda_input(shape, dtype, channels_last)
+        w, b = gn_params(shape[1], dtype)
+        dy = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+        _, mean, rstd = torch.ops.genkern.group_norm_silu(x, w, b, G, 1e-5, act)
+        return x, w, b, dy, mean, rstd, torch.empty_like(x)
+    nxt = rotating(make, 2 * nbytes)
+    ops, cand = torch.ops.genkern, torch.ops.genkern_candidates
+    copy = lambda: (lambda s: s[6].copy_(s[0]))(nxt())  # noqa: E731  (the same yardstick in both passes)
+    fwd = {"shipped": lambda: (lambda s: ops.group_norm_silu(s[0], s[1], s[2], G, 1e-5, act))(nxt()), "copy": copy}
+    bwd = {"shipped": lambda: (lambda s: ops.group_norm_silu_backward(s[3], s[0], s[1], s[2], s[4], s[5], G, act))(
+        nxt()), "copy": copy}
+    for mb in GN_MIN_BLOCKS:
+        fwd[f"min{mb}"] = lambda mb=mb: (lambda s: cand.group_norm_silu_min_blocks(s[0], s[1], s[2], G, 1e-5, act, mb))(
+            nxt())
+        bwd[f"min{mb}"] = lambda mb=mb: (lambda s: cand.group_norm_silu_min_blocks_backward(
+            s[3], s[0], s[1], s[2], s[4], s[5], G, act, mb))(nxt())
+    label = "x".join(map(str, shape)) + ("cl" if channels_last else "")
+    return timed_rows("group_norm_silu", label, dtype, fwd, bwd, nbytes)
+
+
 def timed_rows(op, label, dtype, fwd, bwd, nbytes):
     """Rows of the table: each contender's ms, GB/s (forward moves 2 tensors, backward 3) and the fraction
     of the copy's GB/s timed in the same rounds."""
@@ -234,6 +309,14 @@ def main():
                 failed |= res.startswith("FAILED")
                 if res != "ok":
                     print(f"  {shape} G={G} F={F} {'cl' if cl else 'nchw'} {dtype} vec={vec}: {res}")
+    print("checks (GroupNorm+SiLU one-pass kernels, min_blocks 1 and 2):")
+    for shape, G, cl, act in GN_TIMED + GN_ODD:
+        for dtype in DTYPES + ([torch.float16] if (shape, G, cl, act) in GN_ODD else []):
+            for mb in GN_MIN_BLOCKS:
+                res = check_group_norm_silu(shape, G, cl, act, dtype, mb)
+                failed |= res.startswith("FAILED")
+                if res != "ok":
+                    print(f"  {shape} G={G} {'cl' if cl else 'nchw'} {act} {dtype} min_blocks={mb}: {res}")
     print("  all others ok" if not failed else "  SOME FAILED")
     rows = []
     for shape in TIMED:
@@ -242,6 +325,9 @@ def main():
     for shape, G, F, cl in MBSTD_TIMED:
         for dtype in DTYPES:
             rows += time_minibatch_stddev(shape, G, F, cl, dtype)
+    for shape, G, cl, act in GN_TIMED:
+        for dtype in DTYPES:
+            rows += time_group_norm_silu(shape, G, cl, act, dtype)
     print(f"\n{'op':16} {'shape':16} {'dtype':9} {'pass':4} {'impl':10} {'ms':>8} {'GB/s':>7} {'% copy':>7}")
     for r in rows:
         print(f"{r['op']:16} {r['shape']:16} {r['dtype']:9} {r['pass_']:4} {r['impl']:10} {r['ms']:8.4f} "
