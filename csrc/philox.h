@@ -65,8 +65,12 @@ GENKERN_UNROLL
   for (int k = 0; k < 4; k += 2) {
     float s, c;
 #if defined(__CUDA_ARCH__)
-    // double log: --use_fast_math turns logf into __logf, whose absolute error would move small radii
-    const float radius = sqrtf(static_cast<float>(-2.0 * log(static_cast<double>(u[k]))));
+    // --use_fast_math turns logf into __logf, whose absolute error would move small radii; log1pf is
+    // left alone, and u - 1 is exact (u is an odd multiple of 2^-24). Over all 2^23 values of u the
+    // radius is within 1.8 x 2^-24 relative of the exact one (with a float64 log, as before: 1.5). The
+    // float64 log ran at half the float32 rate on the H100, where the step took ~0.07 ms in bf16 and fp32
+    // alike (compute-bound in bf16).
+    const float radius = sqrtf(-2.0f * log1pf(u[k] - 1.0f));
     sincospif(2.0f * u[k + 1], &s, &c);  // exact argument reduction, unaffected by --use_fast_math
 #else
     const float radius = std::sqrt(-2.0f * std::log(u[k]));
