@@ -44,57 +44,72 @@ def _fmt_shape(shape):
     return "x".join(map(str, shape))
 
 
+def run_order(plan):
+    """The positions of `plan` (op-major: each op's cases, forward then forward+backward) in the order they
+    run: every op's first entry, then every op's second, and so on. A time limit (scripts/gpu_check.sh
+    stops the bench after BENCH_TIMEOUT, torch.compile's autotuning taking minutes) then leaves each op
+    measured at its first cases, instead of the last ops at none: the first H100 runs never reached the
+    gradient penalty."""
+    first, seen, keys = {}, {}, []
+    for op, _, _ in plan:
+        first.setdefault(op, len(first))
+        keys.append((seen.get(op, 0), first[op]))  # (its place among its op's entries, the op's place)
+        seen[op] = seen.get(op, 0) + 1
+    return sorted(range(len(plan)), key=keys.__getitem__)
+
+
 def run(ops, device, quick, with_compile, budget_s):
     plan = [(op, case, backward) for op in ops for case in OPS[op].cases(quick, device)
             for backward in getattr(OPS[op], "PASSES", (False, True))]
     bar = _progress(len(plan))
-    rows, errors = [], []
+    by_entry, errors = [[] for _ in plan], []
     impls = {op: OPS[op].implementations(device, with_compile) for op in ops}
     try:
-        _run_plan(plan, impls, device, budget_s, bar, rows, errors)
+        for i in run_order(plan):
+            _run_entry(*plan[i], impls, device, budget_s, bar, by_entry[i], errors)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a time limit): keep and write what was measured
         errors.append(dict(case="-", impl="-", error="interrupted: the cases after this were not run"))
     bar.close()
-    return rows, errors
+    return [row for rows in by_entry for row in rows], errors  # reported op-major, as planned
 
 
 _COPY = "copy (yardstick)"  # timed with the contenders, not reported as one
 
 
-def _run_plan(plan, impls, device, budget_s, bar, rows, errors):
-    for op, case, backward in plan:
-        mod = OPS[op]
-        label = f"{op} {_fmt_shape(case['shape'])} {'fwd+bwd' if backward else 'fwd'}"
-        bar.set_postfix_str(label)
-        fns, traffic, tensors = mod.case_callables(impls[op], device=device, backward=backward, **case)
-        for name in list(fns):  # a contender that fails is reported and left out, not the whole run
-            try:
-                fns[name]()
-            except Exception as e:  # noqa: BLE001
-                errors.append(dict(case=label, impl=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
-                print(f"\n{label} {name} FAILED: {errors[-1]['error']}", file=sys.stderr, flush=True)
-                del fns[name]
-        if "eager" not in fns:
-            bar.update(1)
-            continue
-        copy_fn, copy_bytes = copy_yardstick(tensors[0])
-        times = time_interleaved({**fns, _COPY: copy_fn}, device, budget_s=budget_s)
-        copy_bw = copy_bytes / times.pop(_COPY)
-        eager_t, compile_t = times["eager"], times.get("torch.compile")
-        # saved-for-backward bytes only mean something for ops with a backward pass
-        for name, t in times.items():
-            saved = None
-            if backward and name != "torch.compile":
-                saved = saved_bytes(fns[name])
-            rows.append(dict(
-                op=op + (" cfg" if case.get("cfg") else ""), shape=_fmt_shape(case["shape"]), groups=case.get("G"),
-                layout="channels_last" if case.get("channels_last") else "nchw",
-                dtype=str(case["dtype"]).replace("torch.", ""), pass_="fwd+bwd" if backward else "fwd",
-                impl=name, ms=t * 1e3, gbps=traffic / t / 1e9, copy_gbps=copy_bw / 1e9,
-                frac_copy=traffic / t / copy_bw, vs_eager=eager_t / t,
-                vs_compile=(compile_t / t) if compile_t else None,
-                saved_mb=None if saved is None else saved / 2**20))
+def _run_entry(op, case, backward, impls, device, budget_s, bar, rows, errors):
+    """Times one (op, case, pass) entry of the plan; its rows go to `rows`, failed contenders to `errors`."""
+    mod = OPS[op]
+    label = f"{op} {_fmt_shape(case['shape'])} {'fwd+bwd' if backward else 'fwd'}"
+    bar.set_postfix_str(label)
+    fns, traffic, tensors = mod.case_callables(impls[op], device=device, backward=backward, **case)
+    for name in list(fns):  # a contender that fails is reported and left out, not the whole run
+        try:
+            fns[name]()
+        except Exception as e:  # noqa: BLE001
+            errors.append(dict(case=label, impl=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            print(f"\n{label} {name} FAILED: {errors[-1]['error']}", file=sys.stderr, flush=True)
+            del fns[name]
+    if "eager" not in fns:
         bar.update(1)
+        return
+    copy_fn, copy_bytes = copy_yardstick(tensors[0])
+    times = time_interleaved({**fns, _COPY: copy_fn}, device, budget_s=budget_s)
+    copy_bw = copy_bytes / times.pop(_COPY)
+    eager_t, compile_t = times["eager"], times.get("torch.compile")
+    # saved-for-backward bytes only mean something for ops with a backward pass
+    for name, t in times.items():
+        saved = None
+        if backward and name != "torch.compile":
+            saved = saved_bytes(fns[name])
+        rows.append(dict(
+            op=op + (" cfg" if case.get("cfg") else ""), shape=_fmt_shape(case["shape"]), groups=case.get("G"),
+            layout="channels_last" if case.get("channels_last") else "nchw",
+            dtype=str(case["dtype"]).replace("torch.", ""), pass_="fwd+bwd" if backward else "fwd",
+            impl=name, ms=t * 1e3, gbps=traffic / t / 1e9, copy_gbps=copy_bw / 1e9,
+            frac_copy=traffic / t / copy_bw, vs_eager=eager_t / t,
+            vs_compile=(compile_t / t) if compile_t else None,
+            saved_mb=None if saved is None else saved / 2**20))
+    bar.update(1)
 
 
 COLUMNS = [("op", "op", "{}"), ("shape", "shape", "{}"), ("layout", "layout", "{}"), ("dtype", "dtype", "{}"),

@@ -117,15 +117,28 @@ def test_a_miss_by_a_hair_does_not_print_as_the_target():
 
 
 def test_python_m_bench_writes_rows_and_targets(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bench", "--ops", "gradient_penalty", "--no-compile",
+    out = subprocess.run([sys.executable, "-m", "bench", "--ops", "gradient_penalty,pixel_norm", "--no-compile",
                           "--budget", "0.05", "--device", "cpu", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "targets:" in out.stdout
     data = json.load(open(tmp_path / "cpu.json"))
-    rows = {(r["pass_"], r["impl"]): r for r in data["rows"]}
+    # run round-robin over the ops (run_order), reported op-major
+    ops = [r["op"] for r in data["rows"]]
+    assert ops == sorted(ops, key=["gradient_penalty", "pixel_norm"].index) and "pixel_norm" in ops
+    rows = {(r["pass_"], r["impl"]): r for r in data["rows"] if r["op"] == "gradient_penalty"}
     for pass_ in ("fwd", "fwd+bwd"):
         eager, fused = rows[(pass_, "eager")], rows[(pass_, "genkern[cpu]")]
         assert abs(fused["vs_eager"] - eager["ms"] / fused["ms"]) < 1e-6 * fused["vs_eager"]
     assert [t["case"] for t in data["targets"]] and all("met" in t for t in data["targets"])
     assert "## Targets" in (tmp_path / "cpu.md").read_text()
+
+
+def test_bench_runs_each_op_s_first_entries_first():
+    """A time limit cuts the bench's last entries: they are every op's last cases, not the last ops."""
+    from bench.report import run_order
+    plan = [("a", 1, False), ("a", 1, True), ("a", 2, False), ("b", 1, False), ("c", 1, False), ("c", 1, True)]
+    assert [plan[i] for i in run_order(plan)] == [("a", 1, False), ("b", 1, False), ("c", 1, False),
+                                                   ("a", 1, True), ("c", 1, True), ("a", 2, False)]
+    assert run_order([]) == []
+
