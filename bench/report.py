@@ -46,10 +46,11 @@ def _fmt_shape(shape):
 
 def run_order(plan):
     """The positions of `plan` (op-major: each op's cases, forward then forward+backward) in the order they
-    run: every op's first entry, then every op's second, and so on. A time limit (scripts/gpu_check.sh
-    stops the bench after BENCH_TIMEOUT, torch.compile's autotuning taking minutes) then leaves each op
-    measured at its first cases, instead of the last ops at none: the first H100 runs never reached the
-    gradient penalty."""
+    run on a GPU: every op's first entry, then every op's second, and so on. A time limit
+    (scripts/gpu_check.sh stops the bench after BENCH_TIMEOUT, torch.compile's autotuning taking minutes)
+    then leaves each op measured at its first cases, instead of the last ops at none: the first H100 runs
+    never reached the gradient penalty. The CPU runs op-major, as in every earlier session, so that its
+    figures stay comparable with theirs; nothing cuts a CPU run short."""
     first, seen, keys = {}, {}, []
     for op, _, _ in plan:
         first.setdefault(op, len(first))
@@ -65,7 +66,7 @@ def run(ops, device, quick, with_compile, budget_s):
     by_entry, errors = [[] for _ in plan], []
     impls = {op: OPS[op].implementations(device, with_compile) for op in ops}
     try:
-        for i in run_order(plan):
+        for i in (run_order(plan) if device == "cuda" else range(len(plan))):
             _run_entry(*plan[i], impls, device, budget_s, bar, by_entry[i], errors)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a time limit): keep and write what was measured
         errors.append(dict(case="-", impl="-", error="interrupted: the cases after this were not run"))

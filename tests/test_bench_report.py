@@ -123,7 +123,7 @@ def test_python_m_bench_writes_rows_and_targets(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "targets:" in out.stdout
     data = json.load(open(tmp_path / "cpu.json"))
-    # run round-robin over the ops (run_order), reported op-major
+    # reported op-major (on a GPU they run round-robin, run_order)
     ops = [r["op"] for r in data["rows"]]
     assert ops == sorted(ops, key=["gradient_penalty", "pixel_norm"].index) and "pixel_norm" in ops
     rows = {(r["pass_"], r["impl"]): r for r in data["rows"] if r["op"] == "gradient_penalty"}
