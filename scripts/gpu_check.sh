@@ -17,8 +17,8 @@
 #                 then keeps what it measured and names the cases it did not reach)
 #   GENKERN_CXX  the C++ compiler (default /usr/bin/g++ when present; why: below the environment report)
 #   E2E_ARGS      arguments for `python -m bench.e2e` (default: the issue's 256-image cifar10 run)
-# Output: env.txt build.log tests.log bench.log cuda.{json,md,png} e2e.log candidates.json. The device
-# tool brings back 8 files: run e2e or candidates in a call without one of the default stages.
+# Output: env.txt build.log tests.log bench.log cuda.{json,md,png} e2e.{log,json} candidates.json. The
+# device tool brings back 8 files: run e2e and candidates in a call of their own ("build candidates e2e").
 set -uo pipefail
 out=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
 cd "$(dirname "$0")/.."
@@ -70,7 +70,7 @@ for stage in $STAGES; do
       grep -v "bench:" "$out/bench.log" | tail -80
       ;;
     e2e)
-      $PY -m bench.e2e --device cuda ${E2E_ARGS:-} > "$out/e2e.log" 2>&1 || status=1
+      $PY -m bench.e2e --device cuda --json "$out/e2e.json" ${E2E_ARGS:-} > "$out/e2e.log" 2>&1 || status=1
       tail -40 "$out/e2e.log"
       ;;
     candidates)
