@@ -252,6 +252,8 @@ def test_sampler_channels_last():
 def test_sampler_bad_inputs():
     with pytest.raises(TypeError, match="memory_format must be a torch.memory_format"):
         sample(TinyEps(), DDPMScheduler(), (1, 3, 4, 4), memory_format="channels_last", progress=False)
+    with pytest.raises(ValueError, match="memory_format=torch.channels_last needs a 4-d shape"):
+        sample(TinyEps(), DDPMScheduler(), (1, 3, 4), memory_format=torch.channels_last, progress=False)
     with pytest.raises(ValueError, match="null_label"):
         sample(TinyEps(), DDPMScheduler(), (1, 3, 4, 4), guidance_scale=2.0, progress=False)
     with pytest.raises(ValueError, match="DDIM needs num_inference_steps"):

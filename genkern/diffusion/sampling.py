@@ -48,6 +48,9 @@ def sample(model: Callable, scheduler, shape: Sequence[int], *, num_inference_st
     device = torch.device(device) if device is not None else (
         latents.device if latents is not None else torch.device("cpu"))
     shape = tuple(int(s) for s in shape)
+    rank = {torch.channels_last: 4, torch.channels_last_3d: 5}.get(memory_format)
+    if rank is not None and len(shape) != rank:
+        raise ValueError(f"sample: memory_format={memory_format} needs a {rank}-d shape, got {shape}")
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps)
     elif isinstance(scheduler, DDIMScheduler) and scheduler.num_inference_steps is None:
