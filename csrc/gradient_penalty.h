@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include "host_device.h"
 #include "layout.h"
 
 namespace genkern {
@@ -34,19 +35,27 @@ inline void check_gradient_penalty_backward(const at::Tensor& grad_loss, const a
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, "gradient_penalty_backward: grad_loss must hold one value");
 }
 
-// The loss from the per-sample norms (float32 [N]): a handful of values, computed with ATen ops.
-inline at::Tensor penalty_from_norms(const at::Tensor& norms, double weight, std::optional<double> target) {
-  const auto n = norms.to(at::kDouble);
-  const auto per = target.has_value() ? (n - *target).square() : n.square();
-  return per.mean().mul(weight).to(at::kFloat);
+// The target as the kernels take it (std::optional does not reach CUDA device code).
+struct PenaltyTarget {
+  bool has;
+  double value;
+};
+
+inline PenaltyTarget penalty_target(std::optional<double> target) {
+  return {target.has_value(), target.value_or(0.0)};
 }
 
-// a_i scaled by dloss * 2 weight / N: the factor each sample's gradient is multiplied by.
-inline at::Tensor penalty_grad_scale(const at::Tensor& grad_loss, const at::Tensor& norms, double weight,
-                                     std::optional<double> target) {
-  auto a = target.has_value() ? at::where(norms > 0, 1.0 - *target / norms, at::zeros_like(norms))
-                              : at::ones_like(norms);
-  return (a * grad_loss.to(at::kFloat) * static_cast<float>(2.0 * weight / norms.size(0))).contiguous();
+// Sample i's term of the loss from its sum of squares s: (n_i - target)^2, or n_i^2 = s (R1).
+GENKERN_HD double penalty_term(double s, PenaltyTarget target) {
+  if (!target.has) return s;
+  const double d = sqrt(s) - target.value;
+  return d * d;
+}
+
+// k a_i from the saved float32 norm n, k = dloss 2 weight / N: the factor sample i's gradient is
+// multiplied by.
+GENKERN_HD float sample_scale(double k, float n, PenaltyTarget target) {
+  return static_cast<float>(k * (!target.has ? 1.0 : (n > 0 ? 1.0 - target.value / n : 0.0)));
 }
 
 }  // namespace genkern

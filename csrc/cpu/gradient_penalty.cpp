@@ -44,23 +44,11 @@ double sum_squares(const T* p, int64_t b, int64_t e) {
   return s;
 }
 
-// sample i's term of the loss from its sum of squares s: (n_i - target)^2, or n_i^2 = s (R1)
-inline double penalty_term(double s, std::optional<double> target) {
-  if (!target.has_value()) return s;
-  const double d = std::sqrt(s) - *target;
-  return d * d;
-}
-
 // weight mean_i term_i, the 0-d float32 loss
 inline at::Tensor loss_tensor(double terms, double weight, int64_t N, const at::TensorOptions& options) {
   auto out = at::empty({}, options.dtype(at::kFloat));
   out.data_ptr<float>()[0] = static_cast<float>(weight * terms / N);
   return out;
-}
-
-// k a_i (csrc/gradient_penalty.h) from the saved float32 norm n
-inline float sample_scale(double k, float n, std::optional<double> target) {
-  return static_cast<float>(k * (!target.has_value() ? 1.0 : (n > 0 ? 1.0 - *target / n : 0.0)));
 }
 
 // d[k] = f g[k] over [b, e)
@@ -95,11 +83,12 @@ std::tuple<at::Tensor, at::Tensor> gradient_penalty(const at::Tensor& grad_in, d
   // N values: plain loops, not ATen ops (each of which costs more than this whole tail)
   auto norms = at::empty({N}, g.options().dtype(at::kFloat));
   double loss = 0.0;
+  const PenaltyTarget tgt = penalty_target(target);
   for (int64_t i = 0; i < N; ++i) {
     double s = 0.0;
     for (int64_t c = 0; c < chunks; ++c) s += part[i * chunks + c];
     norms.data_ptr<float>()[i] = static_cast<float>(std::sqrt(s));
-    loss += penalty_term(s, target);
+    loss += penalty_term(s, tgt);
   }
   return {loss_tensor(loss, weight, N, g.options()), norms};
 }
@@ -116,7 +105,8 @@ at::Tensor gradient_penalty_backward(const at::Tensor& grad_loss, const at::Tens
   std::vector<float> scale(N);
   const double k = grad_loss.item<double>() * 2.0 * weight / N;
   const auto nc = norms.contiguous();
-  for (int64_t i = 0; i < N; ++i) scale[i] = sample_scale(k, nc.const_data_ptr<float>()[i], target);
+  const PenaltyTarget tgt = penalty_target(target);
+  for (int64_t i = 0; i < N; ++i) scale[i] = sample_scale(k, nc.const_data_ptr<float>()[i], tgt);
   GENKERN_DISPATCH_FLOAT_TYPES(g.scalar_type(), "gradient_penalty_backward_cpu", [&] {
     const scalar_t* pg = g.const_data_ptr<scalar_t>();
     scalar_t* pd = dg.mutable_data_ptr<scalar_t>();
@@ -154,6 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_penalty_and_grad(const a
   float* pn = norms.data_ptr<float>();
   std::vector<double> part(N, 0.0);
   const double k = 2.0 * weight / N;
+  const PenaltyTarget tgt = penalty_target(target);
   GENKERN_DISPATCH_FLOAT_TYPES(g.scalar_type(), "gradient_penalty_and_grad_cpu", [&] {
     const scalar_t* pg = g.const_data_ptr<scalar_t>();
     scalar_t* pd = dg.mutable_data_ptr<scalar_t>();
@@ -161,8 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_penalty_and_grad(const a
       double s = 0.0;
       for (int64_t b = 0; b < per; b += kChunk) s += sum_squares(pg + i * per, b, std::min(per, b + kChunk));
       pn[i] = static_cast<float>(std::sqrt(s));
-      part[i] = penalty_term(s, target);
-      scale_run(pg + i * per, pd + i * per, 0, per, sample_scale(k, pn[i], target));
+      part[i] = penalty_term(s, tgt);
+      scale_run(pg + i * per, pd + i * per, 0, per, sample_scale(k, pn[i], tgt));
     });
   });
   double loss = 0.0;
