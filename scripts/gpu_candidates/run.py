@@ -307,41 +307,33 @@ def timed_rows(op, label, dtype, fwd, bwd, nbytes):
     return rows
 
 
-def pixel_norm_candidate():
+def run_cases(timed, odd, check, time_case, label):
+    """One candidate: check(*case, dtype) -> {variant: result} for every case (the odd ones in float16
+    too), time_case(*case, dtype) -> rows for the timed ones. Returns ({label: result}, rows)."""
     checks = {}
-    for shape in TIMED + ODD:
-        for dtype in DTYPES + ([torch.float16] if shape in ODD else []):
-            for v, res in check_pixel_norm(shape, dtype).items():
-                checks[f"{shape} {dtype} tile{v[0]}{'v16' if v[1] else ''}"] = res
-    rows = [r for shape in TIMED for dtype in DTYPES for r in time_pixel_norm(shape, dtype)]
-    return checks, rows
+    for case in timed + odd:
+        for dtype in DTYPES + ([torch.float16] if case in odd else []):
+            for variant, res in check(*case, dtype).items():
+                checks[label(case, dtype, variant)] = res
+    return checks, [r for case in timed for dtype in DTYPES for r in time_case(*case, dtype)]
 
 
-def minibatch_stddev_candidate():
-    checks = {}
-    for shape, G, F, cl in MBSTD_TIMED + MBSTD_ODD:
-        for dtype in DTYPES + ([torch.float16] if (shape, G, F, cl) in MBSTD_ODD else []):
-            for vec, res in check_minibatch_stddev(shape, G, F, cl, dtype).items():
-                checks[f"{shape} G={G} F={F} {'cl' if cl else 'nchw'} {dtype} vec={vec}"] = res
-    rows = [r for shape, G, F, cl in MBSTD_TIMED for dtype in DTYPES
-            for r in time_minibatch_stddev(shape, G, F, cl, dtype)]
-    return checks, rows
-
-
-def group_norm_silu_candidate():
-    checks = {}
-    for shape, G, cl, act in GN_TIMED + GN_ODD:
-        for dtype in DTYPES + ([torch.float16] if (shape, G, cl, act) in GN_ODD else []):
-            for mb, res in check_group_norm_silu(shape, G, cl, act, dtype).items():
-                checks[f"{shape} G={G} {'cl' if cl else 'nchw'} {act} {dtype} min_blocks={mb}"] = res
-    rows = [r for shape, G, cl, act in GN_TIMED for dtype in DTYPES
-            for r in time_group_norm_silu(shape, G, cl, act, dtype)]
-    return checks, rows
+def layout(cl):
+    return "cl" if cl else "nchw"
 
 
 # GroupNorm+SiLU first: its kernels ship with a budget the GPU has not judged yet
-CANDIDATES = [("group_norm_silu_min_blocks.cu", group_norm_silu_candidate),
-              ("minibatch_stddev_flat.cu", minibatch_stddev_candidate), ("pixel_norm_tile.cu", pixel_norm_candidate)]
+CANDIDATES = [
+    ("group_norm_silu_min_blocks.cu", lambda: run_cases(
+        GN_TIMED, GN_ODD, check_group_norm_silu, time_group_norm_silu,
+        lambda c, d, v: f"{c[0]} G={c[1]} {layout(c[2])} {c[3]} {d} min_blocks={v}")),
+    ("minibatch_stddev_flat.cu", lambda: run_cases(
+        MBSTD_TIMED, MBSTD_ODD, check_minibatch_stddev, time_minibatch_stddev,
+        lambda c, d, v: f"{c[0]} G={c[1]} F={c[2]} {layout(c[3])} {d} vec={v}")),
+    ("pixel_norm_tile.cu", lambda: run_cases(
+        [(s,) for s in TIMED], [(s,) for s in ODD], check_pixel_norm, time_pixel_norm,
+        lambda c, d, v: f"{c[0]} {d} tile{v[0]}{'v16' if v[1] else ''}")),
+]
 
 
 def main():
