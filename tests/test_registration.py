@@ -139,3 +139,29 @@ def test_eager_and_registered_autograd_match_reference(backend, device, op):
             got = _first_and_second(fn, x.float(), dy, v)
             for what, a, e in zip(("y", "dx", "d2x"), got, expected):
                 torch.testing.assert_close(a, e, atol=2e-4, rtol=2e-4, msg=f"{op} {path} {what}")
+
+
+class _DropGrad(torch.autograd.Function):
+    """y.clone() whose backward returns no gradient: what reaches the op before it is undefined."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKENDS if p.values[0] != "triton" or p.values[1] == "cuda"])
+@pytest.mark.parametrize("op", ["group_norm_silu", "pixel_norm"])
+def test_undefined_output_gradient_flows_back_as_none(backend, device, op):
+    """The ops' autograd keeps undefined gradients undefined (no zero fills for the statistics outputs, which
+    would be a kernel launch each on a GPU), so their backward must take an undefined gradient of y."""
+    require_backend(backend, device)
+    x, w, b = _args(device, False)
+    with genkern.use_backend(backend):
+        y = genkern.group_norm_silu(x, 4, w, b) if op == "group_norm_silu" else genkern.pixel_norm(x)
+        (_DropGrad.apply(y).sum() + 2 * x.sum()).backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))  # only the direct term reaches x
+    assert w.grad is None and b.grad is None

@@ -126,12 +126,15 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, num_groups, eps, activation = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and rstd (two fill kernels on a GPU)
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.num_groups, ctx.activation, ctx.eps = num_groups, activation, eps
 
 
 def _autograd_backward(backward_op):
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        if grad_y is None:  # y's gradient undefined (grads are not materialized): nothing flows back
+            return None, None, None, None, None, None
         x, weight, bias, mean, rstd = ctx.saved_tensors
         G, act, eps = ctx.num_groups, ctx.activation, ctx.eps
         # fused first-order gradients; differentiable again (through the reference) under create_graph

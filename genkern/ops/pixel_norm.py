@@ -64,10 +64,13 @@ def _register(fwd: str, bwd: str) -> None:
     def setup(ctx, inputs, output):
         x, eps = inputs
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for rstd (a fill kernel on a GPU)
         ctx.save_for_backward(x, output[1])
         ctx.eps = eps
 
     def backward(ctx, grad_y, _grad_rstd):
+        if grad_y is None:  # y's gradient undefined (grads are not materialized): nothing flows back
+            return None, None
         x, rstd = ctx.saved_tensors
         (dx,) = differentiable_backward(lambda g, x: (backward_op(g, x, rstd),),
                                         lambda x: _reference.pixel_norm(x, ctx.eps), (grad_y,), (x,))
