@@ -60,11 +60,15 @@ inline GroupNormShape group_norm_shape(const at::Tensor& x, const std::optional<
   return s;
 }
 
-inline void check_saved_stats(const at::Tensor& mean, const at::Tensor& rstd, const GroupNormShape& s) {
+inline void check_saved_stats(const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& x,
+                              const GroupNormShape& s) {
   for (const auto* t : {&mean, &rstd}) {
     TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->numel() == s.N * s.G,
                       "group_norm_silu_backward: mean and rstd must be float32 with N*num_groups=",
                       s.N * s.G, " elements, got ", t->scalar_type(), " with ", t->numel());
+    // the kernels read them through a pointer: on another device that is a bad address, not an error
+    TORCH_CHECK_VALUE(t->device() == x.device(), "group_norm_silu_backward: mean and rstd are on ", t->device(),
+                      " but x is on ", x.device());
   }
 }
 
@@ -124,7 +128,9 @@ inline BackwardCall prepare_backward(const at::Tensor& grad_y, const at::Tensor&
   TORCH_CHECK_VALUE(grad_y.sizes() == c.x.sizes() && grad_y.scalar_type() == c.x.scalar_type(),
                     "group_norm_silu_backward: grad_y must match x in shape and dtype, got ", grad_y.sizes(),
                     " ", grad_y.scalar_type(), " vs ", c.x.sizes(), " ", c.x.scalar_type());
-  check_saved_stats(mean, rstd, c.s);
+  TORCH_CHECK_VALUE(grad_y.device() == c.x.device(), "group_norm_silu_backward: grad_y is on ", grad_y.device(),
+                    " but x is on ", c.x.device());
+  check_saved_stats(mean, rstd, c.x, c.s);
   c.dy = grad_y.strides() == c.x.strides() ? grad_y : at::empty_like(c.x).copy_(grad_y);
   c.mean = mean.contiguous();
   c.rstd = rstd.contiguous();

@@ -415,6 +415,9 @@ def test_raw_op_bad_inputs(backend, device):
         getattr(torch.ops.genkern, "pixel_norm" + sfx)(x, float("inf"))
     with pytest.raises((ValueError, TypeError, RuntimeError), match="grad must be .*float"):
         getattr(torch.ops.genkern, "gradient_penalty" + sfx)(x.int(), 1.0, None)
+    if backend == "cuda":  # the CUDA kernel reads the norms through a pointer: a CPU tensor must be refused
+        with pytest.raises(ValueError, match="norms is on cpu but grad is on cuda"):
+            torch.ops.genkern.gradient_penalty_backward(torch.ones((), device=device), x, torch.ones(6), 1.0, 1.0)
     if backend == "cpu":
         with pytest.raises(TypeError, match="gradient_penalty_and_grad: grad must be .*float"):
             torch.ops.genkern.gradient_penalty_and_grad(x.int(), 1.0, None)
