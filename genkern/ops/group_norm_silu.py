@@ -176,10 +176,14 @@ def _group_norm_silu_triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weig
     if grad_y.shape != x.shape or grad_y.dtype != x.dtype:
         raise ValueError(f"group_norm_silu_backward: grad_y must match x in shape and dtype, got "
                          f"{tuple(grad_y.shape)} {grad_y.dtype} vs {tuple(x.shape)} {x.dtype}")
+    if grad_y.device != x.device:
+        raise ValueError(f"group_norm_silu_backward: grad_y is on {grad_y.device} but x is on {x.device}")
     for t in (mean, rstd):
         if t.dtype != torch.float32 or t.numel() != x.shape[0] * num_groups:
             raise ValueError(f"group_norm_silu_backward: mean and rstd must be float32 with "
                              f"N*num_groups={x.shape[0] * num_groups} elements, got {t.dtype} with {t.numel()}")
+        if t.device != x.device:
+            raise ValueError(f"group_norm_silu_backward: mean and rstd are on {t.device} but x is on {x.device}")
     from ..triton import group_norm_silu as kernels
     return kernels.backward(grad_y, x, weight, bias, mean, rstd, num_groups, _activation_name(activation))
 
