@@ -13,12 +13,16 @@
 #pragma once
 #include <cooperative_groups.h>
 
+#include <array>
+#include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "activation.h"
@@ -194,15 +198,33 @@ __global__ void __launch_bounds__(kClusterThreads, MinBlocks)
 #endif
 }
 
-// Launches `kernel` on `ctas` CTAs of kClusterThreads in clusters of k with `smem` bytes of dynamic
-// shared memory; `smem_allowed` (one per kernel instance) remembers how far its limit was raised.
-template <typename... Params, typename... Args>
-void launch_clusters(void (*kernel)(Params...), int64_t ctas, int k, size_t smem, size_t& smem_allowed,
-                     Args... args) {
-  if (smem > smem_allowed) {
+// A kernel's limit of dynamic shared memory (cudaFuncAttributeMaxDynamicSharedMemorySize), raised on
+// first need past the default 48 KB. The attribute belongs to the function in one device's context, so
+// the high-water mark is kept per device; it is only ever raised, under a lock, because lowering it
+// while another host thread launches the same kernel with more would fail that launch.
+class DynamicSmemLimit {
+ public:
+  void ensure(const void* kernel, size_t smem) {
+    const int dev = c10::cuda::current_device();  // the op's CUDAGuard made it x's device
+    TORCH_CHECK(dev >= 0 && dev < C10_COMPILE_TIME_MAX_GPUS, "group_norm_silu: bad CUDA device index ", dev);
+    if (smem <= allowed_[dev].load(std::memory_order_acquire)) return;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (smem <= allowed_[dev].load(std::memory_order_relaxed)) return;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    smem_allowed = smem;
+    allowed_[dev].store(smem, std::memory_order_release);
   }
+
+ private:
+  std::array<std::atomic<size_t>, C10_COMPILE_TIME_MAX_GPUS> allowed_{};
+  std::mutex mutex_;
+};
+
+// Launches `kernel` on `ctas` CTAs of kClusterThreads in clusters of k with `smem` bytes of dynamic
+// shared memory; `limit` is the kernel's own (one per kernel instance).
+template <typename... Params, typename... Args>
+void launch_clusters(void (*kernel)(Params...), int64_t ctas, int k, size_t smem, DynamicSmemLimit& limit,
+                     Args... args) {
+  limit.ensure(reinterpret_cast<const void*>(kernel), smem);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(ctas));
   cfg.blockDim = dim3(kClusterThreads);
@@ -248,10 +270,10 @@ void cluster_forward(const ForwardCall& c, const at::Tensor& w, const at::Tensor
   dispatch_cluster(c.x.scalar_type(), c.act, vec, g.channels_last, [&](auto t, auto v, auto a, auto cl) {
     using T = typename decltype(t)::type;
     constexpr int V = decltype(v)::value;
-    static size_t smem_allowed = 0;  // one per kernel instance
+    static DynamicSmemLimit smem_limit;  // one per kernel instance
     const size_t smem = static_cast<size_t>(g.slice / V) * sizeof(VecPack<T, V>);
     launch_clusters(&cluster_forward_kernel<T, V, decltype(a)::value, decltype(cl)::value, MinBlocks>,
-                    c.s.N * c.s.G * g.k, g.k, smem, smem_allowed, c.x.const_data_ptr<T>(), c.y.mutable_data_ptr<T>(),
+                    c.s.N * c.s.G * g.k, g.k, smem, smem_limit, c.x.const_data_ptr<T>(), c.y.mutable_data_ptr<T>(),
                     w.const_data_ptr<float>(), b.const_data_ptr<float>(), c.mean.mutable_data_ptr<float>(),
                     c.rstd.mutable_data_ptr<float>(), g, static_cast<float>(eps));
   });
@@ -419,10 +441,10 @@ std::tuple<at::Tensor, at::Tensor> cluster_backward(const BackwardCall& c, const
   dispatch_cluster(c.x.scalar_type(), c.act, vec, g.channels_last, [&](auto t, auto v, auto a, auto cl) {
     using T = typename decltype(t)::type;
     constexpr int V = decltype(v)::value;
-    static size_t smem_allowed = 0;  // one per kernel instance
+    static DynamicSmemLimit smem_limit;  // one per kernel instance
     const size_t smem = 2 * static_cast<size_t>(g.slice / V) * sizeof(VecPack<T, V>) + 2 * g.D * sizeof(float);
     launch_clusters(&cluster_backward_kernel<T, V, decltype(a)::value, decltype(cl)::value, MinBlocks>,
-                    c.s.N * c.s.G * g.k, g.k, smem, smem_allowed, c.dy.const_data_ptr<T>(), c.x.const_data_ptr<T>(),
+                    c.s.N * c.s.G * g.k, g.k, smem, smem_limit, c.dy.const_data_ptr<T>(), c.x.const_data_ptr<T>(),
                     c.dx.mutable_data_ptr<T>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
                     c.mean.const_data_ptr<float>(), c.rstd.const_data_ptr<float>(), part.mutable_data_ptr<float>(), g);
   });
