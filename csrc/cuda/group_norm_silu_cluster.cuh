@@ -454,6 +454,25 @@ __global__ void __launch_bounds__(kParamChannels * kParamRows)
   }
 }
 
+// (dweight, dbias) as [C] each in the given dtypes from part[N, G, k, D, 2]; also the two-pass backward's.
+std::tuple<at::Tensor, at::Tensor> param_grads(const at::Tensor& part, const GroupNormShape& s, int k,
+                                               at::ScalarType weight_dtype, at::ScalarType bias_dtype) {
+  at::Tensor dw = at::empty({s.C}, part.options().dtype(weight_dtype));
+  at::Tensor db = at::empty({s.C}, part.options().dtype(bias_dtype));
+  const unsigned blocks = static_cast<unsigned>((s.C + kParamChannels - 1) / kParamChannels);
+  GENKERN_DISPATCH_FLOAT_TYPES(weight_dtype, "group_norm_silu_backward_cuda", [&] {
+    using W = scalar_t;
+    GENKERN_DISPATCH_FLOAT_TYPES(bias_dtype, "group_norm_silu_backward_cuda", [&] {
+      param_grads_kernel<W, scalar_t><<<blocks, dim3(kParamChannels, kParamRows), 0,
+                                        c10::cuda::getCurrentCUDAStream()>>>(
+          part.const_data_ptr<float>(), dw.mutable_data_ptr<W>(), db.mutable_data_ptr<scalar_t>(), s.N,
+          static_cast<int>(s.G), k, static_cast<int>(s.D));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {dw, db};
+}
+
 // Writes c.dx; returns (dweight, dbias) as [C] each, in the parameters' dtypes.
 template <int MinBlocks>
 std::tuple<at::Tensor, at::Tensor> cluster_backward(const BackwardCall& c, const at::Tensor& w, const at::Tensor& b,
@@ -470,20 +489,7 @@ std::tuple<at::Tensor, at::Tensor> cluster_backward(const BackwardCall& c, const
                     c.dx.mutable_data_ptr<T>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
                     c.mean.const_data_ptr<float>(), c.rstd.const_data_ptr<float>(), part.mutable_data_ptr<float>(), g);
   });
-  at::Tensor dw = at::empty({s.C}, c.x.options().dtype(c.weight_grad_dtype));
-  at::Tensor db = at::empty({s.C}, c.x.options().dtype(c.bias_grad_dtype));
-  const unsigned blocks = static_cast<unsigned>((s.C + kParamChannels - 1) / kParamChannels);
-  GENKERN_DISPATCH_FLOAT_TYPES(dw.scalar_type(), "group_norm_silu_backward_cuda", [&] {
-    using W = scalar_t;
-    GENKERN_DISPATCH_FLOAT_TYPES(db.scalar_type(), "group_norm_silu_backward_cuda", [&] {
-      param_grads_kernel<W, scalar_t><<<blocks, dim3(kParamChannels, kParamRows), 0,
-                                        c10::cuda::getCurrentCUDAStream()>>>(
-          part.const_data_ptr<float>(), dw.mutable_data_ptr<W>(), db.mutable_data_ptr<scalar_t>(), s.N,
-          static_cast<int>(s.G), g.k, static_cast<int>(s.D));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return {dw, db};
+  return param_grads(part, s, g.k, c.weight_grad_dtype, c.bias_grad_dtype);
 }
 
 }  // namespace
