@@ -141,4 +141,3 @@ def test_bench_runs_each_op_s_first_entries_first():
     assert [plan[i] for i in run_order(plan)] == [("a", 1, False), ("b", 1, False), ("c", 1, False),
                                                    ("a", 1, True), ("c", 1, True), ("a", 2, False)]
     assert run_order([]) == []
-

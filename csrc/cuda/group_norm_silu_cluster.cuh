@@ -8,7 +8,7 @@
 // the cluster adds its k partials through distributed shared memory -> y from shared memory. The
 // two-pass kernels (group_norm_silu.cu) read x twice (the group has left L2 by the second pass),
 // which caps them at 2/3 of copy bandwidth. Needs sm_90; the host falls back to the two-pass kernels
-// elsewhere.
+// elsewhere. param_grads (dweight, dbias from per-channel partial sums) serves both paths.
 
 #pragma once
 #include <cooperative_groups.h>
@@ -283,7 +283,8 @@ void cluster_forward(const ForwardCall& c, const at::Tensor& w, const at::Tensor
 // CTA sums, per channel, du * (x - mean) and du (for dweight/dbias) and, over the group,
 // w_c du and w_c du (x - mean) (for dx); the cluster adds the group sums; dx from shared memory.
 // part[cta, d] = (rstd * sum du (x - mean), sum du) for channel d of the CTA's group: summed over
-// the clusters' CTAs and the batch by the host, so dweight and dbias are deterministic.
+// the clusters' CTAs and the batch by param_grads_kernel in a fixed order, so dweight and dbias are
+// deterministic.
 template <typename T, int V, Activation A, bool CL, int MinBlocks>
 __global__ void __launch_bounds__(kClusterThreads, MinBlocks)
     cluster_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
