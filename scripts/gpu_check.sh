@@ -4,8 +4,8 @@
 # real Triton, not the interpreter), then the benchmark report. Logs and results go to $1.
 #   bash scripts/gpu_check.sh OUT_DIR        (or: make gpu-check OUT=OUT_DIR)
 # Knobs (environment):
-#   STAGES        which stages to run, in order (default "build tests bench"; also "e2e" and
-#                 "candidates", scripts/gpu_candidates)
+#   STAGES        which stages to run, in order (default "build tests bench"; also "e2e",
+#                 "candidates" (scripts/gpu_candidates) and "sanitize" (below))
 #   BENCH_ARGS    extra arguments for `python -m bench` (e.g. --no-compile, --ops group_norm_silu)
 #   TEST_ARGS     extra arguments for pytest (e.g. -k cuda); by default the CPU cases of
 #                 tests/test_large_tensors.py are left to CI (~65 s of page faults and CPU references
@@ -17,8 +17,15 @@
 #                 then keeps what it measured and names the cases it did not reach)
 #   GENKERN_CXX  the C++ compiler (default /usr/bin/g++ when present; why: below the environment report)
 #   E2E_ARGS      arguments for `python -m bench.e2e` (default: the issue's 256-image cifar10 run)
-# Output: env.txt build.log tests.log bench.log cuda.{json,md,png} e2e.{log,json} candidates.json. The
-# device tool brings back 8 files: run e2e and candidates in a call of their own ("build candidates e2e").
+#   SANITIZE_TOOLS    compute-sanitizer tools for the sanitize stage (default "memcheck racecheck
+#                 synccheck initcheck"); SANITIZE_TIMEOUT seconds per tool (default 150). The stage
+#                 runs tests/test_kernel_paths.py's CUDA cases (every kernel of genkern._C, each launch
+#                 path once, small shapes) under each tool, the caching allocator off so that memcheck
+#                 sees each tensor's own bounds; it needs the build stage, in this call or an earlier one
+#                 on the same machine
+# Output: env.txt build.log tests.log bench.log cuda.{json,md,png} e2e.{log,json} candidates.json
+# sanitize.log. The device tool brings back 8 files: run the other stages in calls of their own
+# ("build candidates e2e", "build sanitize").
 set -uo pipefail
 out=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
 cd "$(dirname "$0")/.."
@@ -77,6 +84,27 @@ for stage in $STAGES; do
       # kernels not yet in genkern._C, checked and timed against the shipped ones
       # (scripts/gpu_candidates/README.md); needs the build stage first, in this call or an earlier one
       timeout ${CANDIDATES_TIMEOUT:-300} $PY scripts/gpu_candidates/run.py "$out" 2>&1 || status=1
+      ;;
+    sanitize)
+      cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+      one=$(mktemp)
+      : > "$out/sanitize.log"
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
+        extra=()
+        # padding after every allocation: an access just past a tensor lands in it and is reported
+        [ "$tool" = memcheck ] && extra=(--padding 512)
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-150} "$cs" --tool "$tool" "${extra[@]}" \
+          --error-exitcode 9 --print-limit 20 \
+          $PY -m pytest tests/test_kernel_paths.py -q -p no:cacheprovider -k "test_path_matches_reference and cuda" \
+          > "$one" 2>&1
+        rc=$?
+        # all skipped (no CUDA backend) checks nothing: a failure too
+        [ $rc -ne 0 ] || ! grep -qE "[0-9]+ passed" "$one" && status=1
+        { echo "== compute-sanitizer --tool $tool"; cat "$one"; } >> "$out/sanitize.log"
+        echo "$tool: exit $rc; $(grep -E "(ERROR|RACECHECK) SUMMARY" "$one" | tail -1);" \
+          "$(grep -E "(passed|failed|skipped|error).* in [0-9.]+s" "$one" | tail -1)" | tee -a "$out/sanitize.log"
+      done
+      rm -f "$one"
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
