@@ -18,11 +18,12 @@
 #   GENKERN_CXX  the C++ compiler (default /usr/bin/g++ when present; why: below the environment report)
 #   E2E_ARGS      arguments for `python -m bench.e2e` (default: the issue's 256-image cifar10 run)
 #   SANITIZE_TOOLS    compute-sanitizer tools for the sanitize stage (default "memcheck racecheck
-#                 synccheck initcheck"); SANITIZE_TIMEOUT seconds per tool (default 150). The stage
-#                 runs tests/test_kernel_paths.py's CUDA cases (every kernel of genkern._C, each launch
-#                 path once, small shapes) under each tool, the caching allocator off so that memcheck
-#                 sees each tensor's own bounds; it needs the build stage, in this call or an earlier one
-#                 on the same machine
+#                 synccheck initcheck"); SANITIZE_TIMEOUT seconds per tool (default 110: four tools and
+#                 the build fit one 10-minute call). The stage runs tests/test_kernel_paths.py's GPU
+#                 cases (every kernel of genkern._C, each launch path once, small shapes; the Triton
+#                 kernels at the same shapes) under each tool, the caching allocator off so that
+#                 memcheck sees each tensor's own bounds; it needs the build stage, in this call or an
+#                 earlier one on the same machine
 # Output: env.txt build.log tests.log bench.log cuda.{json,md,png} e2e.{log,json} candidates.json
 # sanitize.log. The device tool brings back 8 files: run the other stages in calls of their own
 # ("build candidates e2e", "build sanitize").
@@ -93,7 +94,7 @@ for stage in $STAGES; do
         extra=()
         # padding after every allocation: an access just past a tensor lands in it and is reported
         [ "$tool" = memcheck ] && extra=(--padding 512)
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-150} "$cs" --tool "$tool" "${extra[@]}" \
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-110} "$cs" --tool "$tool" "${extra[@]}" \
           --error-exitcode 9 --print-limit 20 \
           $PY -m pytest tests/test_kernel_paths.py -q -p no:cacheprovider -k "test_path_matches_reference and cuda" \
           > "$one" 2>&1

@@ -8,8 +8,9 @@ launches; on a GPU `test_path_launches_its_kernels` checks the names against wha
 case. The same cases are the workload of `scripts/gpu_check.sh`'s `sanitize` stage, which runs
 `test_path_matches_reference` on the GPU under compute-sanitizer (memcheck, racecheck, synccheck,
 initcheck): small enough for its 10-100x slowdown, large enough to reach the multi-CTA clusters, the
-multi-chunk two-pass kernels and the unvectorised tails. On the CPU the cases run the CPU kernels, so
-the case definitions and their references are checked in CI.
+multi-chunk two-pass kernels and the unvectorised tails. Every kernel backend runs every case (the Triton
+kernels, under the sanitizer too, take their own paths through the same shapes); in CI the CPU kernels
+and the Triton interpreter check the cases and their references.
 """
 import re
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 import genkern
-from _util import assert_close, make_input, require_backend
+from _util import KERNEL_BACKENDS, assert_close, make_input, require_backend
 from test_group_norm_silu import check as check_group_norm_silu
 
 CSRC_CUDA = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
@@ -170,11 +171,8 @@ PATHS = [
     KernelPath("add-noise-f16", _add_noise((4, 3, 8, 8), f16), _fixed({"add_noise_kernel"}), "per-sample coefficients"),
 ]
 
-BACKENDS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda)]
-
-
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.id)
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_path_matches_reference(backend, device, path):
     require_backend(backend, device)
     path.run(backend, device)
