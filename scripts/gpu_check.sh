@@ -5,7 +5,7 @@
 #   bash scripts/gpu_check.sh OUT_DIR        (or: make gpu-check OUT=OUT_DIR)
 # Knobs (environment):
 #   STAGES        which stages to run, in order (default "build tests bench"; also "e2e",
-#                 "candidates" (scripts/gpu_candidates) and "sanitize" (below))
+#                 "candidates" (scripts/gpu_candidates), "sanitize" and "ncu" (below))
 #   BENCH_ARGS    extra arguments for `python -m bench` (e.g. --no-compile, --ops group_norm_silu)
 #   TEST_ARGS     extra arguments for pytest (e.g. -k cuda); by default the CPU cases of
 #                 tests/test_large_tensors.py are left to CI (~65 s of page faults and CPU references
@@ -17,16 +17,21 @@
 #                 then keeps what it measured and names the cases it did not reach)
 #   GENKERN_CXX  the C++ compiler (default /usr/bin/g++ when present; why: below the environment report)
 #   E2E_ARGS      arguments for `python -m bench.e2e` (default: the issue's 256-image cifar10 run)
-#   SANITIZE_TOOLS    compute-sanitizer tools for the sanitize stage (default "memcheck racecheck
-#                 synccheck initcheck"); SANITIZE_TIMEOUT seconds per tool (default 110: four tools and
-#                 the build fit one 10-minute call). The stage runs tests/test_kernel_paths.py's GPU
-#                 cases (every kernel of genkern._C, each launch path once, small shapes; the Triton
-#                 kernels at the same shapes) under each tool, the caching allocator off so that
-#                 memcheck sees each tensor's own bounds; it needs the build stage, in this call or an
-#                 earlier one on the same machine
+#   SANITIZE_TOOLS    compute-sanitizer tools for the sanitize stage (default "memcheck racecheck":
+#                 out-of-bounds accesses and shared-memory races; synccheck and initcheck may be added);
+#                 SANITIZE_TIMEOUT seconds per tool (default 110). The stage runs
+#                 tests/test_kernel_paths.py's GPU cases (every kernel of genkern._C, each launch path
+#                 once, small shapes; the Triton kernels at the same shapes) under each tool, the caching
+#                 allocator off so that memcheck sees each tensor's own bounds
+#   NCU_TIMEOUT   seconds for the ncu stage (default 180): Nsight Compute's counters (speed of light,
+#                 memory, occupancy, launch, warp state and scheduler sections) for every genkern CUDA
+#                 kernel at the large benchmark shapes (scripts/ncu_workload.py), clocks left alone;
+#                 ncu.log is the report, ncu.md a row per kernel
+#                 The sanitize and ncu stages need the build stage, in this call or an earlier one on the
+#                 same machine.
 # Output: env.txt build.log tests.log bench.log cuda.{json,md,png} e2e.{log,json} candidates.json
-# sanitize.log. The device tool brings back 8 files: run the other stages in calls of their own
-# ("build candidates e2e", "build sanitize").
+# sanitize.log ncu.{log,md}. The device tool brings back 8 files: run the other stages in calls of their
+# own ("build candidates e2e", "build sanitize ncu").
 set -uo pipefail
 out=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
 cd "$(dirname "$0")/.."
@@ -90,7 +95,7 @@ for stage in $STAGES; do
       cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
       one=$(mktemp)
       : > "$out/sanitize.log"
-      for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
         extra=()
         # padding after every allocation: an access just past a tensor lands in it and is reported
         [ "$tool" = memcheck ] && extra=(--padding 512)
@@ -106,6 +111,16 @@ for stage in $STAGES; do
           "$(grep -E "(passed|failed|skipped|error).* in [0-9.]+s" "$one" | tail -1)" | tee -a "$out/sanitize.log"
       done
       rm -f "$one"
+      ;;
+    ncu)
+      ncu_bin=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)
+      # only genkern's kernels (not the inputs' randn or autograd's fills); the clocks as found
+      timeout ${NCU_TIMEOUT:-180} "$ncu_bin" --clock-control none --kernel-name-base demangled \
+        --kernel-name regex:genkern::cuda --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+        $PY scripts/ncu_workload.py > "$out/ncu.log" 2>&1 || status=1
+      grep -E "^(case |==ERROR==|==WARNING==)" "$out/ncu.log" | head -20
+      $PY scripts/ncu_workload.py --summary "$out/ncu.log" | tee "$out/ncu.md"
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
