@@ -12,6 +12,10 @@ Contenders, the same weights in each:
                   in the kernel)
   genkern+graphs  as genkern, with the network call captured once in a CUDA graph and replayed every
                   step (the step itself is one kernel launch with host scalars, so it stays outside)
+  genkern+compile, genkern+compile+graphs (opt-in, --impls): the fused network through
+                  torch.compile (default mode, fullgraph; genkern's ops stay opaque custom ops and
+                  Inductor fuses the elementwise work around them), then optionally graphed as above;
+                  the compile (about a minute on a GPU) happens in the untimed warm-up
 Model, input and loop run in channels_last (--no-channels-last: NCHW), every contender alike, and so
 does the critic step; on CUDA cuDNN picks its convolution algorithms by timing them (--no-cudnn-benchmark:
 its heuristics).
@@ -76,6 +80,9 @@ class GraphedModel:
         self.t.copy_(t)
         self.graph.replay()
         return self.out
+
+
+IMPLS = ("eager", "genkern", "genkern+graphs", "genkern+compile", "genkern+compile+graphs")
 
 
 def sync(device):
@@ -182,7 +189,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=1000, help="reverse steps (T of the schedule)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--impls", default="eager,genkern,genkern+graphs")
+    p.add_argument("--impls", default="eager,genkern,genkern+graphs",
+                   help="comma-separated, from: " + ", ".join(IMPLS) + " (graphs: CUDA only)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--critic", action="store_true", help="also time a WGAN-GP critic step of the ProGAN D")
     p.add_argument("--critic-config", default="cifar10", help="ProGAN config for --critic")
@@ -206,21 +214,31 @@ def main(argv=None):
     cfg = fused.config
     shape = (args.batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     sched = DDPMScheduler(num_train_timesteps=args.steps)
-    impls = [i for i in args.impls.split(",") if i and (i != "genkern+graphs" or device == "cuda")]
+    impls = [i for i in args.impls.split(",") if i and (not i.endswith("+graphs") or device == "cuda")]
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        p.error(f"--impls: unknown {unknown}; choose from {', '.join(IMPLS)}")
     print(f"DDPM sampling, {args.config} U-Net ({sum(p.numel() for p in fused.parameters()) / 1e6:.1f}M params), "
           f"{args.batch} images x {args.steps} steps, {str(dtype).replace('torch.', '')} on {device}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, "
           f"genkern backend {genkern.backends(device)}", flush=True)
 
-    graphed = {}
+    networks = {}
+
+    def network(name):
+        """The model a genkern contender calls, built (compiled, captured) on first use: in the warm-up run."""
+        if name not in networks:
+            base = fused
+            if "+compile" in name:
+                base = networks.setdefault("compiled", torch.compile(fused, fullgraph=True))
+            networks[name] = GraphedModel(base, shape, device, dtype, fmt) if name.endswith("+graphs") else base
+        return networks[name]
 
     def run(name, scheduler):
         if name == "eager":
             return eager_sample(eager, scheduler, shape, device, dtype, seed=1, memory_format=fmt)
-        if name == "genkern+graphs" and not graphed:  # captured once, in the warm-up run (not timed)
-            graphed["model"] = GraphedModel(fused, shape, device, dtype, fmt)
-        model = graphed["model"] if name == "genkern+graphs" else fused
-        return sample(model, scheduler, shape, seed=1, device=device, dtype=dtype, memory_format=fmt, progress=False)
+        return sample(network(name), scheduler, shape, seed=1, device=device, dtype=dtype, memory_format=fmt,
+                      progress=False)
 
     results = {}
     with torch.no_grad():
@@ -237,7 +255,7 @@ def main(argv=None):
             ok = bool(torch.isfinite(out).all())
             results[name] = dict(seconds=dt, images_per_s=args.batch / dt, ms_per_step=dt / args.steps * 1e3,
                                  finite=ok)
-            print(f"{name:15s} {dt:8.2f} s  {args.batch / dt:8.1f} images/s  {dt / args.steps * 1e3:7.2f} ms/step"
+            print(f"{name:22s} {dt:8.2f} s  {args.batch / dt:8.1f} images/s  {dt / args.steps * 1e3:7.2f} ms/step"
                   f"{'' if ok else '  NON-FINITE OUTPUT'}", flush=True)
         if args.profile:
             short = DDPMScheduler(num_train_timesteps=args.steps)
