@@ -6,8 +6,8 @@ while one branch never runs. Each case here names the branch it takes and the ke
 launches; on a GPU `test_path_launches_its_kernels` checks the names against what the profiler saw, and
 `test_every_cuda_kernel_has_a_path` checks (here too) that every `__global__` in csrc/cuda is named by a
 case. The same cases are the workload of `scripts/gpu_check.sh`'s `sanitize` stage, which runs
-`test_path_matches_reference` on the GPU under compute-sanitizer (memcheck, racecheck, synccheck,
-initcheck): small enough for its 10-100x slowdown, large enough to reach the multi-CTA clusters, the
+`test_path_matches_reference` on the GPU under compute-sanitizer (memcheck and racecheck; synccheck and
+initcheck on request): small enough for its 10-100x slowdown, large enough to reach the multi-CTA clusters, the
 multi-chunk two-pass kernels and the unvectorised tails. Every kernel backend runs every case (the Triton
 kernels, under the sanitizer too, take their own paths through the same shapes); in CI the CPU kernels
 and the Triton interpreter check the cases and their references.
