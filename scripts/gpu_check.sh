@@ -24,8 +24,9 @@
 #                 once, small shapes; the Triton kernels at the same shapes) under each tool, the caching
 #                 allocator off so that memcheck sees each tensor's own bounds
 #   NCU_TIMEOUT   seconds for the ncu stage (default 180): Nsight Compute's counters (speed of light,
-#                 memory, occupancy, launch, warp state and scheduler sections) for every genkern CUDA
-#                 kernel at the large benchmark shapes (scripts/ncu_workload.py), clocks left alone;
+#                 memory, occupancy, launch, warp state and scheduler sections) for genkern's CUDA
+#                 kernels in the benchmark's cases of 64 MB or more (scripts/ncu_workload.py), clocks
+#                 left alone;
 #                 ncu.log is the report, ncu.md a row per kernel
 #                 The sanitize and ncu stages need the build stage, in this call or an earlier one on the
 #                 same machine.
