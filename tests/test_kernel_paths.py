@@ -22,6 +22,8 @@ import torch
 
 import genkern
 from _util import KERNEL_BACKENDS, assert_close, make_input, require_backend
+from test_ddpm_step import _inputs as step_inputs
+from test_gan_ops import _grads
 from test_group_norm_silu import check as check_group_norm_silu
 
 CSRC_CUDA = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
@@ -51,54 +53,36 @@ def _gn(shape, G, dtype, channels_last, act):
     return lambda backend, device: check_group_norm_silu(backend, device, shape, G, dtype, channels_last, act)
 
 
-def _with_grads(fn, master, dtype, backend, device, channels_last):
-    """fn at master (float64, CPU) cast to dtype on device with `backend`, and on the reference backend
-    in float64: both outputs, and both gradients for one random output gradient."""
-    x = master.to(dtype=dtype, device=device)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    x.requires_grad_()
-    with genkern.use_backend(backend):
-        y = fn(x)
-    gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    (dx,) = torch.autograd.grad(y, x, gy.to(dtype=dtype, device=device))
-    xr = master.clone().requires_grad_()
-    with genkern.use_backend("reference"):
-        yr = fn(xr)
-    (dxr,) = torch.autograd.grad(yr, xr, gy)
-    return y, yr, dx, dxr
-
-
 def _gan_op(fn, shape, dtype, channels_last, out_dtype=None, mean=-1.0, std=0.8):
+    """fn on `backend` against fn on the reference backend in float64, forward and backward."""
     def run(backend, device):
         master = make_input(shape, torch.float64, "cpu", mean=mean, std=std)
-        y, yr, dx, dxr = _with_grads(fn, master, dtype, backend, device, channels_last)
+        with genkern.use_backend(backend):
+            _, y, dx, gy = _grads(fn, master, dtype, device, channels_last)
+        xr = master.clone().requires_grad_()
+        with genkern.use_backend("reference"):
+            yr = fn(xr)
+        (dxr,) = torch.autograd.grad(yr, xr, gy.double().cpu())
         assert_close(y, yr, out_dtype or dtype, "forward")
         assert_close(dx, dxr, dtype, "backward", scale=dxr.abs().max().item())
     return run
 
 
-def _step(shape, dtype, **kwargs):
-    """ddpm_step against the reference backend in float64 (the same in-kernel noise stream for seed=)."""
+def _step(shape, dtype, noise_tensor=False, inpaint=False, **kw):
+    """ddpm_step against the reference backend in float64 on the same (rounded) inputs (the same
+    in-kernel noise stream for seed=)."""
     def run(backend, device):
-        kw = dict(kwargs)
-        cfg = kw.get("guidance_scale") is not None
-        gen = torch.Generator().manual_seed(2)
-        m = 1.5 * torch.randn(((2 * shape[0],) if cfg else (shape[0],)) + shape[1:], dtype=torch.float64, generator=gen)
-        x = torch.randn(shape, dtype=torch.float64, generator=gen)
-        extra = {}
-        if kw.pop("noise", False):
-            extra["noise"] = torch.randn(shape, dtype=torch.float64, generator=gen)
-        if kw.pop("inpaint", False):
-            extra["known"] = torch.randn(shape, dtype=torch.float64, generator=gen)
-            extra["mask"] = (torch.rand(shape, generator=gen) > 0.5).double()
+        m, x, z = step_inputs(shape, dtype, device, cfg=kw.get("guidance_scale") is not None)
+        extra = {"noise": z} if noise_tensor else {}
+        if inpaint:
+            extra["known"] = torch.randn(shape, device=device).to(dtype)
+            extra["mask"] = (torch.rand(shape, device=device) > 0.5).to(dtype)
+        args = {**kw, **extra}
         with genkern.use_backend(backend):
-            out = genkern.ddpm_step(m.to(dtype=dtype, device=device), x.to(dtype=dtype, device=device), 0.3, 0.4,
-                                    **{k: v.to(dtype=dtype, device=device) for k, v in extra.items()}, **kw)
+            out = genkern.ddpm_step(m, x, 0.3, 0.4, **args)
         with genkern.use_backend("reference"):
-            # the reference reads the inputs as rounded to dtype, as the kernel does
-            ref = genkern.ddpm_step(m.to(dtype).double(), x.to(dtype).double(), 0.3, 0.4,
-                                    **{k: v.to(dtype).double() for k, v in extra.items()}, **kw)
+            ref = genkern.ddpm_step(m.double().cpu(), x.double().cpu(), 0.3, 0.4,
+                                    **{k: v.double().cpu() if torch.is_tensor(v) else v for k, v in args.items()})
         assert out.dtype == dtype
         assert_close(out, ref, dtype, "ddpm_step", scale=3.0)
     return run
@@ -166,7 +150,7 @@ PATHS = [
           _fixed({"ddpm_step_kernel"}), "numel % 4 == 0, aligned: vector loads; Philox noise"),
     KernelPath("step-cfg-inpaint-bf16-scalar",
           _step((3, 3, 5, 7), bf16, method="ddim", eta=1.0, prediction_type="v_prediction", clip_sample_range=1.0,
-                guidance_scale=3.0, noise=True, inpaint=True),
+                guidance_scale=3.0, noise_tensor=True, inpaint=True),
           _fixed({"ddpm_step_kernel"}), "315 elements: scalar accesses; guidance, noise tensor, mask and known"),
     KernelPath("add-noise-f16", _add_noise((4, 3, 8, 8), f16), _fixed({"add_noise_kernel"}), "per-sample coefficients"),
 ]
