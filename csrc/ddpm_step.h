@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 
+#include "checks.h"
 #include "layout.h"
 #include "philox.h"
 
@@ -58,8 +59,7 @@ struct DdpmStepCall {
 };
 
 inline void check_same(const at::Tensor& t, const at::Tensor& sample, const char* name, bool same_shape = true) {
-  TORCH_CHECK_VALUE(t.device() == sample.device(), "ddpm_step: ", name, " is on ", t.device(),
-                    " but sample is on ", sample.device());
+  check_same_device("ddpm_step", name, t, "sample", sample);
   TORCH_CHECK_TYPE(t.scalar_type() == sample.scalar_type(), "ddpm_step: ", name, " must have sample's dtype ",
                    sample.scalar_type(), ", got ", t.scalar_type());
   if (same_shape)
@@ -155,9 +155,9 @@ inline AddNoiseCall prepare_add_noise(const at::Tensor& original, const at::Tens
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
                    "add_noise: original_samples must be float32, float16 or bfloat16, got ", st);
   TORCH_CHECK_VALUE(original.dim() >= 1, "add_noise: original_samples must have a batch dimension");
-  TORCH_CHECK_VALUE(noise.sizes() == original.sizes() && noise.scalar_type() == st &&
-                        noise.device() == original.device(),
-                    "add_noise: noise must match original_samples in shape, dtype and device, got ",
+  check_same_device("add_noise", "noise", noise, "original_samples", original);
+  TORCH_CHECK_VALUE(noise.sizes() == original.sizes() && noise.scalar_type() == st,
+                    "add_noise: noise must match original_samples in shape and dtype, got ",
                     noise.sizes(), " ", noise.scalar_type(), " vs ", original.sizes(), " ", st);
   for (const auto* t : {&sa, &s1})
     TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == original.size(0) &&

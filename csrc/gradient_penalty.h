@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include "host_device.h"
+#include "checks.h"
 #include "layout.h"
 
 namespace genkern {
@@ -32,9 +33,7 @@ inline void check_gradient_penalty_backward(const at::Tensor& grad_loss, const a
   TORCH_CHECK_VALUE(norms.scalar_type() == at::kFloat && norms.dim() == 1 && norms.size(0) == grad.size(0),
                     "gradient_penalty_backward: norms must be float32 [N] = [", grad.size(0), "], got ",
                     norms.scalar_type(), " ", norms.sizes());
-  // the kernels read norms through a pointer: on another device that would be a bad address, not an error
-  TORCH_CHECK_VALUE(norms.device() == grad.device(), "gradient_penalty_backward: norms is on ", norms.device(),
-                    " but grad is on ", grad.device());
+  check_same_device("gradient_penalty_backward", "norms", norms, "grad", grad);
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, "gradient_penalty_backward: grad_loss must hold one value");
 }
 

@@ -11,11 +11,13 @@
 #pragma once
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
 
 #include "activation.h"
+#include "checks.h"
 #include "layout.h"
 
 namespace genkern {
@@ -36,8 +38,7 @@ inline void check_param(const std::optional<at::Tensor>& p, const char* name, co
   check_float_dtype(*p, name);
   TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == x.size(1), "group_norm_silu: ", name,
                     " must have shape [C] = [", x.size(1), "], got ", p->sizes());
-  TORCH_CHECK_VALUE(p->device() == x.device(), "group_norm_silu: ", name, " is on ", p->device(),
-                    " but x is on ", x.device());
+  check_same_device("group_norm_silu", name, *p, "x", x);
 }
 
 inline GroupNormShape group_norm_shape(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -62,13 +63,11 @@ inline GroupNormShape group_norm_shape(const at::Tensor& x, const std::optional<
 
 inline void check_saved_stats(const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& x,
                               const GroupNormShape& s) {
-  for (const auto* t : {&mean, &rstd}) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"mean", &mean}, {"rstd", &rstd}}) {
     TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->numel() == s.N * s.G,
                       "group_norm_silu_backward: mean and rstd must be float32 with N*num_groups=",
                       s.N * s.G, " elements, got ", t->scalar_type(), " with ", t->numel());
-    // the kernels read them through a pointer: on another device that is a bad address, not an error
-    TORCH_CHECK_VALUE(t->device() == x.device(), "group_norm_silu_backward: mean and rstd are on ", t->device(),
-                      " but x is on ", x.device());
+    check_same_device("group_norm_silu_backward", name, *t, "x", x);
   }
 }
 
@@ -128,8 +127,7 @@ inline BackwardCall prepare_backward(const at::Tensor& grad_y, const at::Tensor&
   TORCH_CHECK_VALUE(grad_y.sizes() == c.x.sizes() && grad_y.scalar_type() == c.x.scalar_type(),
                     "group_norm_silu_backward: grad_y must match x in shape and dtype, got ", grad_y.sizes(),
                     " ", grad_y.scalar_type(), " vs ", c.x.sizes(), " ", c.x.scalar_type());
-  TORCH_CHECK_VALUE(grad_y.device() == c.x.device(), "group_norm_silu_backward: grad_y is on ", grad_y.device(),
-                    " but x is on ", c.x.device());
+  check_same_device("group_norm_silu_backward", "grad_y", grad_y, "x", c.x);
   check_saved_stats(mean, rstd, c.x, c.s);
   c.dy = grad_y.strides() == c.x.strides() ? grad_y : at::empty_like(c.x).copy_(grad_y);
   c.mean = mean.contiguous();

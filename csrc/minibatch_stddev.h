@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 
+#include "checks.h"
 #include "layout.h"
 
 namespace genkern {
@@ -63,11 +64,12 @@ inline at::Tensor mbstd_grad_coef(const at::Tensor& grad_out, const MbstdShape& 
 }
 
 inline void check_mbstd_grad(const at::Tensor& grad_out, const at::Tensor& x, const MbstdShape& s) {
+  check_same_device("minibatch_stddev_backward", "grad_out", grad_out, "x", x);
   TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == s.N && grad_out.size(1) == s.C + s.F &&
                         grad_out.size(2) == x.size(2) && grad_out.size(3) == x.size(3) &&
-                        grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
+                        grad_out.scalar_type() == x.scalar_type(),
                     "minibatch_stddev_backward: grad_out must be [N, C + num_channels, H, W] = [", s.N, ", ",
-                    s.C + s.F, ", ", x.size(2), ", ", x.size(3), "] of x's dtype and device, got ", grad_out.sizes(),
+                    s.C + s.F, ", ", x.size(2), ", ", x.size(3), "] of x's dtype, got ", grad_out.sizes(),
                     " ", grad_out.scalar_type());
 }
 

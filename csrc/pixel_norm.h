@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 
+#include "checks.h"
 #include "layout.h"
 
 namespace genkern {
@@ -34,13 +35,14 @@ inline void check_pixel_norm_eps(double eps) {
 
 inline void check_pixel_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& rstd,
                                       const PixelNormShape& s) {
-  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
-                        grad_y.device() == x.device(),
-                    "pixel_norm_backward: grad_y must match x in shape, dtype and device, got ", grad_y.sizes(), " ",
+  check_same_device("pixel_norm_backward", "grad_y", grad_y, "x", x);
+  check_same_device("pixel_norm_backward", "rstd", rstd, "x", x);
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
+                    "pixel_norm_backward: grad_y must match x in shape and dtype, got ", grad_y.sizes(), " ",
                     grad_y.scalar_type(), " vs ", x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK_VALUE(rstd.scalar_type() == at::kFloat && rstd.numel() == s.N * s.P && rstd.device() == x.device(),
+  TORCH_CHECK_VALUE(rstd.scalar_type() == at::kFloat && rstd.numel() == s.N * s.P,
                     "pixel_norm_backward: rstd must be float32 with N*prod(spatial)=", s.N * s.P,
-                    " elements on x's device, got ", rstd.scalar_type(), " with ", rstd.numel());
+                    " elements, got ", rstd.scalar_type(), " with ", rstd.numel());
 }
 
 // The forward's input in the kernel layout and its outputs (y like x, rstd float32 [N, P]).

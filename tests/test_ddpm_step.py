@@ -334,6 +334,10 @@ def test_bad_inputs():
         genkern.ddpm_step(m, x, 0.3, 0.4, method="pndm")
     with pytest.raises(ValueError, match="add_noise: sqrt_alpha_prod"):
         genkern.add_noise(x, z, torch.ones(3), torch.ones(2))
+    with pytest.raises(ValueError, match="ddpm_step: model_output is on meta but sample is on cpu"):
+        genkern.ddpm_step(m.to("meta"), x, 0.3, 0.4)
+    with pytest.raises(ValueError, match="ddpm_step: noise is on meta but sample is on cpu"):
+        genkern.ddpm_step(m, x, 0.3, 0.4, noise=z.to("meta"))
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)

@@ -415,9 +415,16 @@ def test_raw_op_bad_inputs(backend, device):
         getattr(torch.ops.genkern, "pixel_norm" + sfx)(x, float("inf"))
     with pytest.raises((ValueError, TypeError, RuntimeError), match="grad must be .*float"):
         getattr(torch.ops.genkern, "gradient_penalty" + sfx)(x.int(), 1.0, None)
-    if backend == "cuda":  # the CUDA kernel reads the norms through a pointer: a CPU tensor must be refused
+    if device == "cuda":  # the kernels read these through pointers: CPU tensors must be refused, by name
+        op = lambda name: getattr(torch.ops.genkern, name + sfx + "_backward")  # noqa: E731
         with pytest.raises(ValueError, match="norms is on cpu but grad is on cuda"):
-            torch.ops.genkern.gradient_penalty_backward(torch.ones((), device=device), x, torch.ones(6), 1.0, 1.0)
+            op("gradient_penalty")(torch.ones((), device=device), x, torch.ones(6), 1.0, 1.0)
+        with pytest.raises(ValueError, match="rstd is on cpu but x is on cuda"):
+            op("pixel_norm")(torch.ones_like(x), x, torch.ones(6 * 9))
+        with pytest.raises(ValueError, match="grad_y is on cpu but x is on cuda"):
+            op("pixel_norm")(torch.ones(6, 4, 3, 3), x, torch.ones(6 * 9, device=device))
+        with pytest.raises(ValueError, match="grad_out is on cpu but x is on cuda"):
+            op("minibatch_stddev")(torch.ones(6, 5, 3, 3), x, 2, 1, 1e-8)
     if backend == "cpu":
         with pytest.raises(TypeError, match="gradient_penalty_and_grad: grad must be .*float"):
             torch.ops.genkern.gradient_penalty_and_grad(x.int(), 1.0, None)

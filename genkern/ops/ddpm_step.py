@@ -22,6 +22,7 @@ import torch
 
 from .. import _backend, _extension
 from ._call import call_kernel, register_autograd
+from ._checks import check_same_device
 from .._layout import elementwise_strides, to_strides
 from .. import reference as _reference
 
@@ -95,8 +96,7 @@ def step_coefficients(alpha_prod_t: float, alpha_prod_t_prev: float, *, method: 
 def _prepare_like(t: torch.Tensor, sample: torch.Tensor, name: str, broadcast: bool = False) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"ddpm_step: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device != sample.device:
-        raise ValueError(f"ddpm_step: {name} is on {t.device} but sample is on {sample.device}")
+    check_same_device("ddpm_step", name, t, "sample", sample)
     if t.shape != sample.shape:
         if not broadcast:
             raise ValueError(f"ddpm_step: {name} must have sample's shape {tuple(sample.shape)}, got {tuple(t.shape)}")
@@ -174,8 +174,7 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: fl
             raise ValueError(f"ddpm_step: with guidance_scale, model_output must be [2B, ...] = {want} (unconditional "
                              f"then conditional halves) for sample {tuple(sample.shape)}, got {tuple(model_output.shape)}")
         raise ValueError(f"ddpm_step: model_output must have sample's shape {want}, got {tuple(model_output.shape)}")
-    if model_output.device != sample.device:
-        raise ValueError(f"ddpm_step: model_output is on {model_output.device} but sample is on {sample.device}")
+    check_same_device("ddpm_step", "model_output", model_output, "sample", sample)
     if clip_sample_range is not None and (not isinstance(clip_sample_range, (int, float))
                                           or not clip_sample_range > 0):
         raise ValueError(f"ddpm_step: clip_sample_range must be a number > 0 or None, got {clip_sample_range!r}")

@@ -15,6 +15,7 @@ import torch
 
 from .. import _backend, _extension
 from ._call import _is_compiling, call_kernel, records_autograd, register_autograd
+from ._checks import check_same_device
 from .. import reference as _reference
 from .._layout import elementwise_strides
 from ._double_backward import differentiable_backward
@@ -175,6 +176,7 @@ def _gradient_penalty_triton(grad: torch.Tensor, weight: float, target: Optional
 def _gradient_penalty_triton_backward(grad_loss: torch.Tensor, grad: torch.Tensor, norms: torch.Tensor,
                                       weight: float, target: Optional[float]) -> torch.Tensor:
     _check(grad, weight, target)
+    check_same_device("gradient_penalty_backward", "norms", norms, "grad", grad)
     if norms.dtype != torch.float32 or tuple(norms.shape) != (grad.shape[0],) or grad_loss.numel() != 1:
         raise ValueError(f"gradient_penalty_backward: norms must be float32 [{grad.shape[0]}] and grad_loss one value")
     from ..triton import gradient_penalty as kernels

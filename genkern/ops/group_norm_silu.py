@@ -16,6 +16,7 @@ import torch
 
 from .. import _backend, _extension
 from ._call import call_kernel, register_autograd
+from ._checks import check_same_device
 from .._layout import is_channels_last_dense
 from .. import reference as _reference
 from ._double_backward import differentiable_backward
@@ -50,8 +51,7 @@ def _check_args(x, num_groups, weight, bias, eps) -> None:
         if tuple(p.shape) != (C,):
             raise ValueError(f"group_norm_silu: {name} must have shape ({C},) to match x's channels, "
                              f"got {tuple(p.shape)}")
-        if p.device != x.device:
-            raise ValueError(f"group_norm_silu: {name} is on {p.device} but x is on {x.device}")
+        check_same_device("group_norm_silu", name, p, "x", x)
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"group_norm_silu: eps must be a finite number >= 0, got {eps!r}")
 
@@ -176,14 +176,12 @@ def _group_norm_silu_triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weig
     if grad_y.shape != x.shape or grad_y.dtype != x.dtype:
         raise ValueError(f"group_norm_silu_backward: grad_y must match x in shape and dtype, got "
                          f"{tuple(grad_y.shape)} {grad_y.dtype} vs {tuple(x.shape)} {x.dtype}")
-    if grad_y.device != x.device:
-        raise ValueError(f"group_norm_silu_backward: grad_y is on {grad_y.device} but x is on {x.device}")
-    for t in (mean, rstd):
+    check_same_device("group_norm_silu_backward", "grad_y", grad_y, "x", x)
+    for name, t in (("mean", mean), ("rstd", rstd)):
         if t.dtype != torch.float32 or t.numel() != x.shape[0] * num_groups:
             raise ValueError(f"group_norm_silu_backward: mean and rstd must be float32 with "
                              f"N*num_groups={x.shape[0] * num_groups} elements, got {t.dtype} with {t.numel()}")
-        if t.device != x.device:
-            raise ValueError(f"group_norm_silu_backward: mean and rstd are on {t.device} but x is on {x.device}")
+        check_same_device("group_norm_silu_backward", name, t, "x", x)
     from ..triton import group_norm_silu as kernels
     return kernels.backward(grad_y, x, weight, bias, mean, rstd, num_groups, _activation_name(activation))
 

@@ -12,6 +12,7 @@ import torch
 
 from .. import _backend, _extension
 from ._call import call_kernel, register_autograd
+from ._checks import check_same_device
 from .. import reference as _reference
 from ._double_backward import differentiable_backward
 
@@ -97,6 +98,7 @@ def _minibatch_stddev_triton(x: torch.Tensor, group_size: int, num_channels: int
 def _minibatch_stddev_triton_backward(grad_out: torch.Tensor, x: torch.Tensor, group_size: int, num_channels: int,
                                       eps: float) -> torch.Tensor:
     _check(x, group_size, num_channels, eps)
+    check_same_device("minibatch_stddev_backward", "grad_out", grad_out, "x", x)
     N, C, H, W = x.shape
     if tuple(grad_out.shape) != (N, C + num_channels, H, W) or grad_out.dtype != x.dtype:
         raise ValueError(f"minibatch_stddev_backward: grad_out must be {(N, C + num_channels, H, W)} of x's dtype, "

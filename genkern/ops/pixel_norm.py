@@ -13,6 +13,7 @@ import torch
 
 from .. import _backend, _extension
 from ._call import call_kernel, register_autograd
+from ._checks import check_same_device
 from .. import reference as _reference
 from .._layout import is_channels_last_dense
 from ._double_backward import differentiable_backward
@@ -91,6 +92,8 @@ def _pixel_norm_triton(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch
 @torch.library.custom_op("genkern::pixel_norm_triton_backward", mutates_args=())
 def _pixel_norm_triton_backward(grad_y: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     _check(x, 0.0)
+    check_same_device("pixel_norm_backward", "grad_y", grad_y, "x", x)
+    check_same_device("pixel_norm_backward", "rstd", rstd, "x", x)
     if grad_y.shape != x.shape or grad_y.dtype != x.dtype or x.dtype not in _KERNEL_DTYPES:
         raise ValueError("pixel_norm_backward: grad_y must match x (float32/float16/bfloat16) in shape and dtype")
     if rstd.dtype != torch.float32 or rstd.numel() != x.shape[0] * math.prod(x.shape[2:]):
