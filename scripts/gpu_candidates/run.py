@@ -30,7 +30,8 @@ sys.path.insert(0, ROOT)
 import genkern  # noqa: E402,F401  (loads genkern._C: the shipped ops timed against)
 from genkern import reference as R  # noqa: E402
 
-SOURCES = ["pixel_norm_tile.cu", "minibatch_stddev_flat.cu", "group_norm_silu_min_blocks.cu"]
+SOURCES = ["pixel_norm_tile.cu", "minibatch_stddev_flat.cu", "group_norm_silu_min_blocks.cu",
+           "group_norm_silu_cl_groups.cu"]
 # (tile_bytes, 16-byte accesses): the pixel norm NCHW variants of pixel_norm_tile.cu
 PIXEL_NORM_VARIANTS = [(64, False), (64, True), (128, True)]
 TIMED = [(32, 512, 64, 64), (16, 512, 32, 32), (64, 512, 8, 8)]
@@ -40,13 +41,37 @@ DTYPES = [torch.float32, torch.bfloat16]
 MBSTD_TIMED = [((64, 512, 32, 32), 4, 1, False), ((64, 512, 32, 32), 4, 1, True), ((32, 512, 4, 4), 4, 1, False)]
 MBSTD_ODD = [((4, 3, 5, 5), 4, 1, False), ((6, 10, 3, 3), 3, 2, False), ((8, 64, 4, 4), 4, 1, True),
              ((8, 63, 4, 4), 2, 1, True), ((2, 16, 1, 1), 2, 1, False), ((16, 32, 8, 8), 4, 2, True)]
-# group_norm_silu_min_blocks.cu: (shape, num_groups, channels_last, activation); the shipped one-pass kernels
-# take min_blocks 3, the candidates 1 and 2
+# group_norm_silu_min_blocks.cu and group_norm_silu_cl_groups.cu: (shape, num_groups, channels_last, activation).
+# The shipped one-pass kernels take min_blocks 3, the candidates 1 and 2; the channels-last groups-per-cluster
+# candidate picks its own (0: rows of 128 bytes) or takes 2. The cifar10 U-Net's channels-last maps (C = 128:
+# 8-byte group rows in bfloat16; 256) close the timed list.
 GN_MIN_BLOCKS = (1, 2)
+GN_GROUPS_PER_CLUSTER = (0, 2)
 GN_TIMED = [((32, 512, 64, 64), 32, False, "silu"), ((32, 512, 64, 64), 32, True, "silu"),
-            ((16, 256, 32, 32), 32, False, "silu"), ((16, 256, 32, 32), 32, True, "silu")]
+            ((16, 256, 32, 32), 32, False, "silu"), ((16, 256, 32, 32), 32, True, "silu"),
+            ((128, 128, 32, 32), 32, True, "silu"), ((128, 256, 16, 16), 32, True, "silu")]
 GN_ODD = [((3, 6, 5, 5), 3, False, "silu"), ((2, 64, 7, 7), 32, True, "silu"), ((4, 32, 8, 8), 8, True, "gelu"),
-          ((4, 32, 8, 8), 8, False, None), ((1, 512, 64, 64), 32, False, "silu"), ((2, 96, 12, 12), 1, True, "silu")]
+          ((4, 32, 8, 8), 8, False, None), ((1, 512, 64, 64), 32, False, "silu"), ((2, 96, 12, 12), 1, True, "silu"),
+          ((3, 64, 5, 7), 32, True, "silu"), ((2, 128, 9, 9), 16, True, "silu"), ((1, 128, 64, 64), 32, True, "silu")]
+# what a candidate's refusal of a shape says (not a failure); anything else raised is one
+GN_REFUSALS = ("group_norm_silu_min_blocks", "group_norm_silu_cl_groups")
+
+
+def gn_variants():
+    """GroupNorm+SiLU candidates: name -> (forward(x, w, b, G, eps, act), backward(dy, x, w, b, mean, rstd, G, act))."""
+    cand = torch.ops.genkern_candidates
+    variants = {}
+    for mb in GN_MIN_BLOCKS:
+        variants[f"min{mb}"] = (
+            lambda x, w, b, G, eps, act, mb=mb: cand.group_norm_silu_min_blocks(x, w, b, G, eps, act, mb),
+            lambda dy, x, w, b, m, r, G, act, mb=mb: cand.group_norm_silu_min_blocks_backward(dy, x, w, b, m, r, G,
+                                                                                              act, mb))
+    for gpc in GN_GROUPS_PER_CLUSTER:
+        variants[f"groups{gpc or 'auto'}"] = (
+            lambda x, w, b, G, eps, act, gpc=gpc: cand.group_norm_silu_cl_groups(x, w, b, G, eps, act, gpc),
+            lambda dy, x, w, b, m, r, G, act, gpc=gpc: cand.group_norm_silu_cl_groups_backward(dy, x, w, b, m, r, G,
+                                                                                               act, gpc))
+    return variants
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
@@ -223,8 +248,8 @@ def gn_params(C, dtype):
 
 
 def check_group_norm_silu(shape, G, channels_last, act, dtype):
-    """Each budget's kernels against the float64 reference (computed once): y, mean, rstd, and dx,
-    dweight, dbias. Returns {min_blocks: "ok" | "refused: ..." | "FAILED ..."}."""
+    """Each variant's kernels against the float64 reference (computed once): y, mean, rstd, and dx,
+    dweight, dbias. Returns {variant: "ok" | "refused: ..." | "FAILED ..."}."""
     act = act or "none"
     x = cuda_input(shape, dtype, channels_last)
     w, b = gn_params(shape[1], dtype)
@@ -237,31 +262,31 @@ def check_group_norm_silu(shape, G, channels_last, act, dtype):
     wants = wants[:1] + (xg.mean(-1), (xg.var(-1, unbiased=False) + 1e-5).rsqrt()) + wants[1:]
     shipped = torch.ops.genkern.group_norm_silu(x, w, b, G, 1e-5, act)
     shipped += torch.ops.genkern.group_norm_silu_backward(dy, x, w, b, shipped[1], shipped[2], G, act)
-    cand = torch.ops.genkern_candidates
     results = {}
-    for mb in GN_MIN_BLOCKS:
+    for name, (fwd, bwd) in gn_variants().items():
         try:
             poison()
-            got = cand.group_norm_silu_min_blocks(x, w, b, G, 1e-5, act, mb)
+            got = fwd(x, w, b, G, 1e-5, act)
             poison()
-            got += cand.group_norm_silu_min_blocks_backward(dy, x, w, b, got[1], got[2], G, act, mb)
+            got += bwd(dy, x, w, b, got[1], got[2], G, act)
             torch.cuda.synchronize()
-        except RuntimeError as e:  # a shape the one-pass path does not take says so; that is not a failure
-            if "group_norm_silu_min_blocks" not in str(e):
+        except RuntimeError as e:  # a shape the variant does not take says so; that is not a failure
+            if not any(r in str(e) for r in GN_REFUSALS):
                 raise
-            results[mb] = f"refused: {str(e).splitlines()[0][:80]}"
+            results[name] = f"refused: {str(e).splitlines()[0][:80]}"
             continue
         errs = [rel_err(g, wnt) for g, wnt in zip(got, wants)]
         layout_ok = got[0].is_contiguous(memory_format=torch.channels_last) == channels_last or shape[2] * shape[3] == 1
-        # the same arithmetic as the shipped kernels, so the same bits are expected; a difference is reported
-        same = all(torch.equal(g, s) for g, s in zip(got, shipped))
+        # min_blocks: the same arithmetic as the shipped kernels, so the same bits are expected (a difference is
+        # reported); groups: sums in another order
+        same = all(torch.equal(g, s) for g, s in zip(got, shipped)) or not name.startswith("min")
         # dbias and dweight sum N*HW terms of both signs in float32: 1e-4 of their norm for float32
         if max(errs) <= max(TOL[dtype], 1e-4) and layout_ok:
-            results[mb] = "ok" if same else "ok, but not bit-identical to the shipped kernels"
+            results[name] = "ok" if same else "ok, but not bit-identical to the shipped kernels"
         else:
             names = ("y", "mean", "rstd", "dx", "dweight", "dbias")
-            results[mb] = ("FAILED rel err " + " ".join(f"{n} {e:.2e}" for n, e in zip(names, errs))
-                           + ("" if layout_ok else " layout"))
+            results[name] = ("FAILED rel err " + " ".join(f"{n} {e:.2e}" for n, e in zip(names, errs))
+                             + ("" if layout_ok else " layout"))
     return results
 
 
@@ -277,16 +302,21 @@ def time_group_norm_silu(shape, G, channels_last, act, dtype):
         _, mean, rstd = torch.ops.genkern.group_norm_silu(x, w, b, G, 1e-5, act)
         return x, w, b, dy, mean, rstd, torch.empty_like(x)
     nxt = rotating(make, 2 * nbytes)
-    ops, cand = torch.ops.genkern, torch.ops.genkern_candidates
+    ops = torch.ops.genkern
     copy = lambda: (lambda s: s[6].copy_(s[0]))(nxt())  # noqa: E731  (the same yardstick in both passes)
     fwd = {"shipped": lambda: (lambda s: ops.group_norm_silu(s[0], s[1], s[2], G, 1e-5, act))(nxt()), "copy": copy}
     bwd = {"shipped": lambda: (lambda s: ops.group_norm_silu_backward(s[3], s[0], s[1], s[2], s[4], s[5], G, act))(
         nxt()), "copy": copy}
-    for mb in GN_MIN_BLOCKS:
-        fwd[f"min{mb}"] = lambda mb=mb: (lambda s: cand.group_norm_silu_min_blocks(s[0], s[1], s[2], G, 1e-5, act, mb))(
-            nxt())
-        bwd[f"min{mb}"] = lambda mb=mb: (lambda s: cand.group_norm_silu_min_blocks_backward(
-            s[3], s[0], s[1], s[2], s[4], s[5], G, act, mb))(nxt())
+    for name, (f, bk) in gn_variants().items():
+        for fns, call in ((fwd, lambda s, f=f: f(s[0], s[1], s[2], G, 1e-5, act)),
+                          (bwd, lambda s, bk=bk: bk(s[3], s[0], s[1], s[2], s[4], s[5], G, act))):
+            try:  # a variant that refuses the shape is left out of the timing
+                call(nxt())
+            except RuntimeError as e:
+                if not any(r in str(e) for r in GN_REFUSALS):
+                    raise
+                continue
+            fns[name] = lambda call=call: call(nxt())
     label = "x".join(map(str, shape)) + ("cl" if channels_last else "")
     return timed_rows("group_norm_silu", label, dtype, fwd, bwd, nbytes)
 
@@ -324,9 +354,9 @@ def layout(cl):
 
 # GroupNorm+SiLU first: its kernels ship with a budget the GPU has not judged yet
 CANDIDATES = [
-    ("group_norm_silu_min_blocks.cu", lambda: run_cases(
+    ("group_norm_silu_min_blocks.cu + group_norm_silu_cl_groups.cu", lambda: run_cases(
         GN_TIMED, GN_ODD, check_group_norm_silu, time_group_norm_silu,
-        lambda c, d, v: f"{c[0]} G={c[1]} {layout(c[2])} {c[3]} {d} min_blocks={v}")),
+        lambda c, d, v: f"{c[0]} G={c[1]} {layout(c[2])} {c[3]} {d} {v}")),
     ("minibatch_stddev_flat.cu", lambda: run_cases(
         MBSTD_TIMED, MBSTD_ODD, check_minibatch_stddev, time_minibatch_stddev,
         lambda c, d, v: f"{c[0]} G={c[1]} F={c[2]} {layout(c[3])} {d} vec={v}")),
