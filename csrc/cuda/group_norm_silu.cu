@@ -30,7 +30,7 @@ constexpr int kThreads = 256;
 // two CTAs of 512 threads where shared memory has room for three; each CTA loads, then waits on its
 // cluster, then stores, so a third keeps more loads in flight. At 40 nothing spills in the SiLU and None
 // kernels; the channels-last GeLU backward and the float16 channels-last SiLU backward spill 24-132
-// bytes. scripts/gpu_candidates times 1 and 2 against it on the GPU.
+// bytes. scripts/gpu_candidates/group_norm_silu_tuning.cu times 1 and 2 against it on the GPU.
 constexpr int kClusterMinBlocks = 3;
 constexpr int64_t kChunkElems = 16384;  // elements per block (a chunk of pixels of one group)
 constexpr int64_t kMaxChunks = 65535;   // gridDim.y limit

@@ -405,9 +405,10 @@ __global__ void __launch_bounds__(kClusterThreads, MinBlocks)
 }
 
 // The backward's cluster geometry, or k = 0 where it does not apply; channels-last also needs the
-// packs of a pixel row (D / V) to divide the block size (see the kernel).
-SliceGeometry make_grad_slice_geometry(const GroupNormShape& s, const at::Tensor& x, int vec) {
-  SliceGeometry g = make_slice_geometry(s, x, vec, kGradSliceBytes);
+// packs of a pixel row (D / V) to divide the block size (see the kernel). slice_bytes: per tensor.
+SliceGeometry make_grad_slice_geometry(const GroupNormShape& s, const at::Tensor& x, int vec,
+                                       int64_t slice_bytes = kGradSliceBytes) {
+  SliceGeometry g = make_slice_geometry(s, x, vec, slice_bytes);
   if (s.channels_last && kClusterThreads % (s.D / vec) != 0) g.k = 0;
   return g;
 }

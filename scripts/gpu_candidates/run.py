@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 import genkern  # noqa: E402,F401  (loads genkern._C: the shipped ops timed against)
 from genkern import reference as R  # noqa: E402
 
-SOURCES = ["pixel_norm_tile.cu", "minibatch_stddev_flat.cu", "group_norm_silu_min_blocks.cu",
+SOURCES = ["pixel_norm_tile.cu", "minibatch_stddev_flat.cu", "group_norm_silu_tuning.cu",
            "group_norm_silu_cl_groups.cu"]
 # (tile_bytes, 16-byte accesses): the pixel norm NCHW variants of pixel_norm_tile.cu
 PIXEL_NORM_VARIANTS = [(64, False), (64, True), (128, True)]
@@ -41,11 +41,13 @@ DTYPES = [torch.float32, torch.bfloat16]
 MBSTD_TIMED = [((64, 512, 32, 32), 4, 1, False), ((64, 512, 32, 32), 4, 1, True), ((32, 512, 4, 4), 4, 1, False)]
 MBSTD_ODD = [((4, 3, 5, 5), 4, 1, False), ((6, 10, 3, 3), 3, 2, False), ((8, 64, 4, 4), 4, 1, True),
              ((8, 63, 4, 4), 2, 1, True), ((2, 16, 1, 1), 2, 1, False), ((16, 32, 8, 8), 4, 2, True)]
-# group_norm_silu_min_blocks.cu and group_norm_silu_cl_groups.cu: (shape, num_groups, channels_last, activation).
-# The shipped one-pass kernels take min_blocks 3, the candidates 1 and 2; the channels-last groups-per-cluster
-# candidate picks its own (0: rows of 128 bytes) or takes 2. The cifar10 U-Net's channels-last maps (C = 128:
-# 8-byte group rows in bfloat16; 256) close the timed list.
-GN_MIN_BLOCKS = (1, 2)
+# group_norm_silu_tuning.cu and group_norm_silu_cl_groups.cu: (shape, num_groups, channels_last, activation).
+# The shipped one-pass kernels take min_blocks 3 and 64 KB slices (48 KB per tensor backward); the tuning
+# candidates (name: (min_blocks, forward and backward slice bytes, 0 = shipped)) try 1 and 2, and half the
+# slices (twice the CTAs: a bfloat16 group of 128 KB took 2, 2048 CTAs in 5.2 waves of 396 at 32x512x64x64).
+# The channels-last groups-per-cluster candidate picks its own (0: rows of 128 bytes) or takes 2. The cifar10
+# U-Net's channels-last maps (C = 128: 8-byte group rows in bfloat16; 256) close the timed list.
+GN_TUNING = {"min1": (1, 0, 0), "min2": (2, 0, 0), "half_slices": (3, 32 << 10, 24 << 10)}
 GN_GROUPS_PER_CLUSTER = (0, 2)
 GN_TIMED = [((32, 512, 64, 64), 32, False, "silu"), ((32, 512, 64, 64), 32, True, "silu"),
             ((16, 256, 32, 32), 32, False, "silu"), ((16, 256, 32, 32), 32, True, "silu"),
@@ -54,24 +56,26 @@ GN_ODD = [((3, 6, 5, 5), 3, False, "silu"), ((2, 64, 7, 7), 32, True, "silu"), (
           ((4, 32, 8, 8), 8, False, None), ((1, 512, 64, 64), 32, False, "silu"), ((2, 96, 12, 12), 1, True, "silu"),
           ((3, 64, 5, 7), 32, True, "silu"), ((2, 128, 9, 9), 16, True, "silu"), ((1, 128, 64, 64), 32, True, "silu")]
 # what a candidate's refusal of a shape says (not a failure); anything else raised is one
-GN_REFUSALS = ("group_norm_silu_min_blocks", "group_norm_silu_cl_groups")
+GN_REFUSALS = ("group_norm_silu_tuning", "group_norm_silu_cl_groups")
 
 
 def gn_variants():
     """GroupNorm+SiLU candidates: name -> (forward(x, w, b, G, eps, act), backward(dy, x, w, b, mean, rstd, G, act))."""
     cand = torch.ops.genkern_candidates
     variants = {}
-    for mb in GN_MIN_BLOCKS:
-        variants[f"min{mb}"] = (
-            lambda x, w, b, G, eps, act, mb=mb: cand.group_norm_silu_min_blocks(x, w, b, G, eps, act, mb),
-            lambda dy, x, w, b, m, r, G, act, mb=mb: cand.group_norm_silu_min_blocks_backward(dy, x, w, b, m, r, G,
-                                                                                              act, mb))
+    for name, (mb, fwd_bytes, bwd_bytes) in GN_TUNING.items():
+        variants[name] = (
+            lambda x, w, b, G, eps, act, mb=mb, sb=fwd_bytes: cand.group_norm_silu_tuning(x, w, b, G, eps, act, mb, sb),
+            lambda dy, x, w, b, m, r, G, act, mb=mb, sb=bwd_bytes: cand.group_norm_silu_tuning_backward(
+                dy, x, w, b, m, r, G, act, mb, sb))
     for gpc in GN_GROUPS_PER_CLUSTER:
         variants[f"groups{gpc or 'auto'}"] = (
             lambda x, w, b, G, eps, act, gpc=gpc: cand.group_norm_silu_cl_groups(x, w, b, G, eps, act, gpc),
             lambda dy, x, w, b, m, r, G, act, gpc=gpc: cand.group_norm_silu_cl_groups_backward(dy, x, w, b, m, r, G,
                                                                                                act, gpc))
     return variants
+
+
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
@@ -278,7 +282,7 @@ def check_group_norm_silu(shape, G, channels_last, act, dtype):
         errs = [rel_err(g, wnt) for g, wnt in zip(got, wants)]
         layout_ok = got[0].is_contiguous(memory_format=torch.channels_last) == channels_last or shape[2] * shape[3] == 1
         # min_blocks: the same arithmetic as the shipped kernels, so the same bits are expected (a difference is
-        # reported); groups: sums in another order
+        # reported); other slices or groups per cluster: sums in another order
         same = all(torch.equal(g, s) for g, s in zip(got, shipped)) or not name.startswith("min")
         # dbias and dweight sum N*HW terms of both signs in float32: 1e-4 of their norm for float32
         if max(errs) <= max(TOL[dtype], 1e-4) and layout_ok:
@@ -354,7 +358,7 @@ def layout(cl):
 
 # GroupNorm+SiLU first: its kernels ship with a budget the GPU has not judged yet
 CANDIDATES = [
-    ("group_norm_silu_min_blocks.cu + group_norm_silu_cl_groups.cu", lambda: run_cases(
+    ("group_norm_silu_tuning.cu + group_norm_silu_cl_groups.cu", lambda: run_cases(
         GN_TIMED, GN_ODD, check_group_norm_silu, time_group_norm_silu,
         lambda c, d, v: f"{c[0]} G={c[1]} {layout(c[2])} {c[3]} {d} {v}")),
     ("minibatch_stddev_flat.cu", lambda: run_cases(
