@@ -5,7 +5,8 @@ in one call on a GPU machine (after scripts/gpu_check.sh's build stage has built
 
 Checks (fresh random inputs with a non-zero mean, outputs allocated over NaN-filled memory): each
 candidate against the float64 reference (genkern/reference) in forward and backward, at the timed shapes
-and at odd ones. Timing: CUDA events around bursts of calls replayed from CUDA graphs, contenders
+and at odd ones; the references and errors are computed on the GPU (in float64 on the CPU, the 67M-element
+cases alone would take much of the stage's time limit). Timing: CUDA events around bursts of calls replayed from CUDA graphs, contenders
 interleaved in a shuffled order each round, median of the rounds, inputs rotated among enough copies to
 leave the L2 cold; a copy of the same bytes timed in the same rounds is the yardstick. Prints each
 candidate's checks and table; OUT_DIR gets them as candidates.json, rewritten after each candidate. A
@@ -105,7 +106,7 @@ def cuda_input(shape, dtype, channels_last=False):
 
 
 def rel_err(got, want):
-    got, want = got.double().cpu(), want.double().cpu()
+    got, want = got.double(), want.double()
     if not torch.isfinite(got).all():
         return float("inf")
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
@@ -115,9 +116,9 @@ def check_pixel_norm(shape, dtype):
     """Each variant against the float64 reference (computed once). Returns {variant: result}."""
     x = cuda_input(shape, dtype)
     dy = torch.randn(shape, device="cuda").to(dtype)
-    x64 = x.double().cpu().requires_grad_()
+    x64 = x.double().requires_grad_()
     want = R.pixel_norm(x64, 1e-8)
-    (want_dx,) = torch.autograd.grad(want, x64, dy.double().cpu())
+    (want_dx,) = torch.autograd.grad(want, x64, dy.double())
     want_rstd = (x64.detach().pow(2).mean(1) + 1e-8).rsqrt().reshape(-1)
     results = {}
     for variant in PIXEL_NORM_VARIANTS:
@@ -209,9 +210,9 @@ def check_minibatch_stddev(shape, G, F, channels_last, dtype):
     """Both access widths against the float64 reference (computed once). Returns {vec: result}."""
     x = cuda_input(shape, dtype, channels_last)
     gout = torch.randn((shape[0], shape[1] + F, *shape[2:]), device="cuda").to(dtype)
-    x64 = x.double().cpu().requires_grad_()
+    x64 = x.double().requires_grad_()
     want = R.minibatch_stddev(x64, G, F, 1e-8)
-    (want_dx,) = torch.autograd.grad(want, x64, gout.double().cpu())
+    (want_dx,) = torch.autograd.grad(want, x64, gout.double())
     results = {}
     for vec in (False, True):
         poison()
@@ -259,9 +260,9 @@ def check_group_norm_silu(shape, G, channels_last, act, dtype):
     w, b = gn_params(shape[1], dtype)
     dy = torch.randn(shape, device="cuda").to(dtype).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    x64, w64, b64 = (t.double().cpu().requires_grad_() for t in (x, w, b))
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
     want = R.group_norm_silu(x64, G, w64, b64, 1e-5, act)
-    wants = (want.detach(), *torch.autograd.grad(want, (x64, w64, b64), dy.double().cpu()))
+    wants = (want.detach(), *torch.autograd.grad(want, (x64, w64, b64), dy.double()))
     xg = x64.detach().reshape(shape[0], G, -1)
     wants = wants[:1] + (xg.mean(-1), (xg.var(-1, unbiased=False) + 1e-5).rsqrt()) + wants[1:]
     shipped = torch.ops.genkern.group_norm_silu(x, w, b, G, 1e-5, act)
