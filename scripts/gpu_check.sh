@@ -16,7 +16,9 @@
 #                 torch.compile's max-autotune makes the full bench longer than 300 s, and the report
 #                 then keeps what it measured and names the cases it did not reach)
 #   GENKERN_CXX  the C++ compiler (default /usr/bin/g++ when present; why: below the environment report)
-#   E2E_ARGS      arguments for `python -m bench.e2e` (default: the issue's 256-image cifar10 run)
+#   E2E_ARGS      arguments for `python -m bench.e2e` (default: the issue's 256-image cifar10 run, with the
+#                 opt-in genkern+compile+graphs contender beside eager, genkern and genkern+graphs, and
+#                 --profile: one step of each, GPU time by op class); E2E_TIMEOUT seconds (default 360)
 #   SANITIZE_TOOLS    compute-sanitizer tools for the sanitize stage (default "memcheck racecheck":
 #                 out-of-bounds accesses and shared-memory races; synccheck and initcheck may be added);
 #                 SANITIZE_TIMEOUT seconds per tool (default 110). The stage runs
@@ -84,7 +86,8 @@ for stage in $STAGES; do
       grep -v "bench:" "$out/bench.log" | tail -80
       ;;
     e2e)
-      $PY -m bench.e2e --device cuda --json "$out/e2e.json" ${E2E_ARGS:-} > "$out/e2e.log" 2>&1 || status=1
+      timeout ${E2E_TIMEOUT:-360} $PY -m bench.e2e --device cuda --json "$out/e2e.json" \
+        ${E2E_ARGS:---impls eager,genkern,genkern+graphs,genkern+compile+graphs --profile} > "$out/e2e.log" 2>&1 || status=1
       tail -40 "$out/e2e.log"
       ;;
     candidates)
