@@ -34,7 +34,8 @@
 #                 same machine.
 # Output: env.txt build.log tests.log bench.log cuda.{json,md,png} e2e.{log,json} candidates.json
 # sanitize.log ncu.{log,md}. The device tool brings back 8 files: run the other stages in calls of their
-# own ("build candidates e2e", "build sanitize ncu").
+# own ("build e2e candidates": e2e first, the issue asks for it, and within the 10-minute call build ~80 s,
+# e2e ~200-300 s and the candidates up to CANDIDATES_TIMEOUT may not all fit; "build sanitize ncu").
 set -uo pipefail
 out=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
 cd "$(dirname "$0")/.."
