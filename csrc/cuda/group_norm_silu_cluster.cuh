@@ -283,8 +283,9 @@ void cluster_forward(const ForwardCall& c, const at::Tensor& w, const at::Tensor
 // CTA sums, per channel, du * (x - mean) and du (for dweight/dbias) and, over the group,
 // w_c du and w_c du (x - mean) (for dx); the cluster adds the group sums; dx from shared memory.
 // part[cta, d] = (rstd * sum du (x - mean), sum du) for channel d of the CTA's group: summed over
-// the clusters' CTAs and the batch by param_grads_kernel in a fixed order, so dweight and dbias are
-// deterministic.
+// the clusters' CTAs and the batch by param_grads_kernel in a fixed order. Within a CTA the warps add
+// their channel sums into shared memory with atomics, in the order they get there, so dweight and
+// dbias may differ in their last bits from run to run (dx, mean and rstd do not).
 template <typename T, int V, Activation A, bool CL, int MinBlocks>
 __global__ void __launch_bounds__(kClusterThreads, MinBlocks)
     cluster_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
