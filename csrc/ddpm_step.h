@@ -12,6 +12,7 @@
 #pragma once
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include <ATen/ATen.h>
 
@@ -159,12 +160,13 @@ inline AddNoiseCall prepare_add_noise(const at::Tensor& original, const at::Tens
   TORCH_CHECK_VALUE(noise.sizes() == original.sizes() && noise.scalar_type() == st,
                     "add_noise: noise must match original_samples in shape and dtype, got ",
                     noise.sizes(), " ", noise.scalar_type(), " vs ", original.sizes(), " ", st);
-  for (const auto* t : {&sa, &s1})
-    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == original.size(0) &&
-                          t->device() == original.device(),
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"sqrt_alpha_prod", &sa}, {"sqrt_one_minus_alpha_prod", &s1}}) {
+    check_same_device("add_noise", name, *t, "original_samples", original);
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == original.size(0),
                       "add_noise: sqrt_alpha_prod and sqrt_one_minus_alpha_prod must be float32 of shape [",
-                      original.size(0), "] on ", original.device(), ", got ", t->scalar_type(), " ", t->sizes(),
-                      " on ", t->device());
+                      original.size(0), "], got ", t->scalar_type(), " ", t->sizes());
+  }
   const auto strides = elementwise_strides(original);
   return {to_strides(original, strides), to_strides(noise, strides), sa.contiguous(), s1.contiguous(),
           at::empty_strided(original.sizes(), strides, original.options())};

@@ -338,6 +338,8 @@ def test_bad_inputs():
         genkern.ddpm_step(m.to("meta"), x, 0.3, 0.4)
     with pytest.raises(ValueError, match="ddpm_step: noise is on meta but sample is on cpu"):
         genkern.ddpm_step(m, x, 0.3, 0.4, noise=z.to("meta"))
+    with pytest.raises(ValueError, match="add_noise: noise is on meta but original_samples is on cpu"):
+        genkern.add_noise(x, z.to("meta"), torch.ones(3), torch.ones(3))
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)

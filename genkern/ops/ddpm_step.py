@@ -226,10 +226,10 @@ def add_noise(original_samples: torch.Tensor, noise: torch.Tensor, sqrt_alpha_pr
             raise TypeError(f"add_noise: {name} must be a floating-point torch.Tensor")
     if original_samples.dim() < 1:
         raise ValueError("add_noise: original_samples must have a batch dimension, got a 0-d tensor")
-    if noise.shape != original_samples.shape or noise.device != original_samples.device:
-        raise ValueError(f"add_noise: noise must match original_samples in shape and device, got "
-                         f"{tuple(noise.shape)} on {noise.device} vs {tuple(original_samples.shape)} on "
-                         f"{original_samples.device}")
+    check_same_device("add_noise", "noise", noise, "original_samples", original_samples)
+    if noise.shape != original_samples.shape:
+        raise ValueError(f"add_noise: noise must match original_samples in shape, got {tuple(noise.shape)} vs "
+                         f"{tuple(original_samples.shape)}")
     n = original_samples.shape[0]
     coefs = []
     for name, c in (("sqrt_alpha_prod", sqrt_alpha_prod), ("sqrt_one_minus_alpha_prod", sqrt_one_minus_alpha_prod)):

@@ -29,6 +29,14 @@ struct GroupsGeometry {
   int qd;           // packs per group row (D / V)
 };
 
+// The shape seen as G / gpc super-groups of gpc D channels (what SliceGeometry and param_grads take).
+GroupNormShape super_shape(const GroupNormShape& s, int64_t gpc) {
+  GroupNormShape sup = s;
+  sup.G = s.G / gpc;
+  sup.D = s.D * gpc;
+  return sup;
+}
+
 // Widest pack (a power of two of elements, 16 bytes at most) that divides D and that the data's alignment
 // allows: a pack never straddles two groups.
 int groups_vec(const GroupNormShape& s, const at::Tensor& x, const at::Tensor& dy = {}) {
@@ -61,22 +69,13 @@ GroupsGeometry make_groups_geometry(const GroupNormShape& s, const at::Tensor& x
   TORCH_CHECK_VALUE(gpc >= 1 && (gpc & (gpc - 1)) == 0 && s.G % gpc == 0 && gpc * qd <= kWarp,
                     "group_norm_silu_cl_groups: groups per cluster (", gpc,
                     ") must be a power of two dividing num_groups with gpc * D / pack <= 32");
-  GroupNormShape sup = s;
-  sup.G = s.G / gpc;
-  sup.D = s.D * gpc;
+  const GroupNormShape sup = super_shape(s, gpc);
   SliceGeometry g = make_slice_geometry(sup, x, vec, slice_bytes);
   TORCH_CHECK_VALUE(g.k > 0, "group_norm_silu_cl_groups: the one-pass path does not take this shape or GPU (",
                     gpc, " groups of ", group_bytes, " bytes)");
   // slices start at row boundaries, so that a thread's packs keep the same channels in every slice
   g.slice = static_cast<int>(((g.len + g.k - 1) / g.k + sup.D - 1) / sup.D * sup.D);
   return {g, static_cast<int>(gpc), static_cast<int>(qd)};
-}
-
-GroupNormShape super_shape(const GroupNormShape& s, int gpc) {
-  GroupNormShape sup = s;
-  sup.G = s.G / gpc;
-  sup.D = s.D * gpc;
-  return sup;
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

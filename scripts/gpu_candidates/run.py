@@ -6,9 +6,9 @@ in one call on a GPU machine (after scripts/gpu_check.sh's build stage has built
 Checks (fresh random inputs with a non-zero mean, outputs allocated over NaN-filled memory): each
 candidate against the float64 reference (genkern/reference) in forward and backward, at the timed shapes
 and at odd ones; the references and errors are computed on the GPU (in float64 on the CPU, the 67M-element
-cases alone would take much of the stage's time limit). Timing: CUDA events around bursts of calls replayed from CUDA graphs, contenders
-interleaved in a shuffled order each round, median of the rounds, inputs rotated among enough copies to
-leave the L2 cold; a copy of the same bytes timed in the same rounds is the yardstick. Prints each
+cases alone would take much of the stage's time limit). Timing: CUDA events around bursts of calls replayed
+from CUDA graphs, contenders interleaved in a shuffled order each round, median of the rounds, inputs
+rotated among enough copies to leave the L2 cold; a copy of the same bytes timed in the same rounds is the yardstick. Prints each
 candidate's checks and table; OUT_DIR gets them as candidates.json, rewritten after each candidate. A
 candidate that raises is reported there and the others still run.
 """
@@ -58,6 +58,13 @@ GN_ODD = [((3, 6, 5, 5), 3, False, "silu"), ((2, 64, 7, 7), 32, True, "silu"), (
           ((3, 64, 5, 7), 32, True, "silu"), ((2, 128, 9, 9), 16, True, "silu"), ((1, 128, 64, 64), 32, True, "silu")]
 # what a candidate's refusal of a shape says (not a failure); anything else raised is one
 GN_REFUSALS = ("group_norm_silu_tuning", "group_norm_silu_cl_groups")
+
+
+def gn_refused(e: RuntimeError) -> bool:
+    """True when e is a GroupNorm candidate refusing a shape; any other error is raised again."""
+    if not any(r in str(e) for r in GN_REFUSALS):
+        raise e
+    return True
 
 
 def gn_variants():
@@ -276,8 +283,7 @@ def check_group_norm_silu(shape, G, channels_last, act, dtype):
             got += bwd(dy, x, w, b, got[1], got[2], G, act)
             torch.cuda.synchronize()
         except RuntimeError as e:  # a shape the variant does not take says so; that is not a failure
-            if not any(r in str(e) for r in GN_REFUSALS):
-                raise
+            gn_refused(e)
             results[name] = f"refused: {str(e).splitlines()[0][:80]}"
             continue
         errs = [rel_err(g, wnt) for g, wnt in zip(got, wants)]
@@ -318,9 +324,8 @@ def time_group_norm_silu(shape, G, channels_last, act, dtype):
             try:  # a variant that refuses the shape is left out of the timing
                 call(nxt())
             except RuntimeError as e:
-                if not any(r in str(e) for r in GN_REFUSALS):
-                    raise
-                continue
+                if gn_refused(e):
+                    continue
             fns[name] = lambda call=call: call(nxt())
     label = "x".join(map(str, shape)) + ("cl" if channels_last else "")
     return timed_rows("group_norm_silu", label, dtype, fwd, bwd, nbytes)
