@@ -243,6 +243,20 @@ def main(argv=None):
                       progress=False)
 
     results = {}
+
+    def write_json(results, critic, complete):
+        """Rewritten after each contender, so that a run cut short (a lease's deadline) keeps what it timed."""
+        if not args.json:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(config=args.config, batch=args.batch, steps=args.steps, dtype=str(dtype), device=device,
+                           memory_format="channels_last" if args.channels_last else "contiguous",
+                           cudnn_benchmark=args.cudnn_benchmark if device == "cuda" else None,
+                           device_name=device_name(device), date=datetime.date.today().isoformat(),
+                           cpu_isa=genkern._extension.BUILD_INFO.get("cpu_isa"), torch=torch.__version__,
+                           complete=complete, results=results, critic_step=critic), f, indent=1)
+
     with torch.no_grad():
         for name in impls:
             # warm-up: a short run compiles kernels and fills the allocator's caches
@@ -259,6 +273,7 @@ def main(argv=None):
                                  finite=ok)
             print(f"{name:22s} {dt:8.2f} s  {args.batch / dt:8.1f} images/s  {dt / args.steps * 1e3:7.2f} ms/step"
                   f"{'' if ok else '  NON-FINITE OUTPUT'}", flush=True)
+            write_json(results, None, complete=False)
         if args.profile:
             short = DDPMScheduler(num_train_timesteps=args.steps)
             short.set_timesteps(1)
@@ -272,16 +287,7 @@ def main(argv=None):
         for name, r in results.items():
             r["speedup_vs_eager"] = base / r["seconds"]
         print("speedup vs eager: " + ", ".join(f"{n} {r['speedup_vs_eager']:.2f}x" for n, r in results.items()))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(config=args.config, batch=args.batch, steps=args.steps, dtype=str(dtype), device=device,
-                           memory_format="channels_last" if args.channels_last else "contiguous",
-                           cudnn_benchmark=args.cudnn_benchmark if device == "cuda" else None,
-                           device_name=device_name(device), date=datetime.date.today().isoformat(),
-                           cpu_isa=genkern._extension.BUILD_INFO.get("cpu_isa"), torch=torch.__version__,
-                           results=results, critic_step=critic), f, indent=1)
-
+    write_json(results, critic, complete=True)
 
 if __name__ == "__main__":
     main()

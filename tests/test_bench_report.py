@@ -141,3 +141,29 @@ def test_bench_runs_each_op_s_first_entries_first():
     assert [plan[i] for i in run_order(plan)] == [("a", 1, False), ("b", 1, False), ("c", 1, False),
                                                    ("a", 1, True), ("c", 1, True), ("a", 2, False)]
     assert run_order([]) == []
+
+
+def test_e2e_json_keeps_the_contenders_timed_before_a_cut(tmp_path, monkeypatch):
+    """bench.e2e rewrites its JSON after each contender: a run stopped by a lease's deadline keeps them."""
+    import pytest
+
+    from bench import e2e
+    path = tmp_path / "e2e.json"
+    argv = ["--device", "cpu", "--config", "digits", "--batch", "2", "--steps", "3", "--impls", "eager,genkern",
+            "--json", str(path)]
+    e2e.main(argv)
+    full = json.load(open(path))
+    assert full["complete"] and list(full["results"]) == ["eager", "genkern"]
+    for r in full["results"].values():
+        assert r["finite"] and abs(r["images_per_s"] - 2 / r["seconds"]) < 1e-9 * r["images_per_s"]
+        assert abs(r["ms_per_step"] - r["seconds"] / 3 * 1e3) < 1e-9 * r["ms_per_step"]
+    g = full["results"]["genkern"]
+    assert abs(g["speedup_vs_eager"] - full["results"]["eager"]["seconds"] / g["seconds"]) < 1e-12
+
+    def cut(*args, **kwargs):  # the genkern contender is stopped in its warm-up, as a deadline would
+        raise KeyboardInterrupt
+    monkeypatch.setattr(e2e, "sample", cut)
+    with pytest.raises(KeyboardInterrupt):
+        e2e.main(argv)
+    part = json.load(open(path))
+    assert not part["complete"] and list(part["results"]) == ["eager"] and part["results"]["eager"]["finite"]
