@@ -11,6 +11,7 @@ import os
 import platform
 import signal
 import sys
+import time
 
 import torch
 
@@ -82,10 +83,14 @@ def _run_entry(op, case, backward, impls, device, budget_s, bar, rows, errors):
     mod = OPS[op]
     label = f"{op} {_fmt_shape(case['shape'])} {'fwd+bwd' if backward else 'fwd'}"
     bar.set_postfix_str(label)
+    t_entry = time.perf_counter()
     fns, traffic, tensors = mod.case_callables(impls[op], device=device, backward=backward, **case)
+    first_call = {}
     for name in list(fns):  # a contender that fails is reported and left out, not the whole run
         try:
+            t0 = time.perf_counter()
             fns[name]()
+            first_call[name] = time.perf_counter() - t0  # torch.compile compiles (and autotunes) here
         except Exception as e:  # noqa: BLE001
             errors.append(dict(case=label, impl=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
             print(f"\n{label} {name} FAILED: {errors[-1]['error']}", file=sys.stderr, flush=True)
@@ -109,7 +114,12 @@ def _run_entry(op, case, backward, impls, device, budget_s, bar, rows, errors):
             impl=name, ms=t * 1e3, gbps=traffic / t / 1e9, copy_gbps=copy_bw / 1e9,
             frac_copy=traffic / t / copy_bw, vs_eager=eager_t / t,
             vs_compile=(compile_t / t) if compile_t else None,
-            saved_mb=None if saved is None else saved / 2**20))
+            saved_mb=None if saved is None else saved / 2**20, first_call_s=first_call.get(name)))
+    # the entry's wall time, compiling and warm-up included (on a GPU mostly torch.compile's autotuning):
+    # what a time-limited run (scripts/gpu_check.sh) has to plan for
+    entry_s = time.perf_counter() - t_entry
+    for row in rows:
+        row["entry_s"] = entry_s
     bar.update(1)
 
 
@@ -179,6 +189,16 @@ def chart(rows, path, title):
     return True
 
 
+def time_spent_text(rows):
+    """Where the run's wall time went: the entries' total and each contender's first calls (compiling)."""
+    first = {}
+    for r in rows:
+        first[r["impl"]] = first.get(r["impl"], 0.0) + (r["first_call_s"] or 0.0)
+    entries = sum(r["entry_s"] for r in rows if r["impl"] == "eager")  # one eager row per entry
+    return (f"time spent: {entries:.1f} s in {sum(r['impl'] == 'eager' for r in rows)} entries; first calls "
+            "(compiling, warm-up): " + ", ".join(f"{k} {v:.1f} s" for k, v in first.items()))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--full", action="store_true", help="more shapes, layouts and dtypes")
@@ -205,6 +225,7 @@ def main(argv=None):
     print(text)
     for e in errors:
         print(f"FAILED: {e['case']} {e['impl']}: {e['error']}")
+    print("\n" + time_spent_text(rows))
     checks = targets.check(rows, args.device, genkern._backend.select(args.device))
     print("\n" + targets.summary_text(checks))
     os.makedirs(args.out, exist_ok=True)

@@ -131,6 +131,15 @@ def test_python_m_bench_writes_rows_and_targets(tmp_path):
         eager, fused = rows[(pass_, "eager")], rows[(pass_, "genkern[cpu]")]
         assert abs(fused["vs_eager"] - eager["ms"] / fused["ms"]) < 1e-6 * fused["vs_eager"]
     assert [t["case"] for t in data["targets"]] and all("met" in t for t in data["targets"])
+    # each entry's wall time covers its contenders' first calls; the log sums them
+    def key(r):
+        return r["op"], r["shape"], r["layout"], r["dtype"], r["pass_"]
+    for k in {key(r) for r in data["rows"]}:
+        entry = [r for r in data["rows"] if key(r) == k]
+        assert len({r["entry_s"] for r in entry}) == 1
+        assert 0 < sum(r["first_call_s"] for r in entry) < entry[0]["entry_s"]
+    eager_first = sum(r["first_call_s"] for r in data["rows"] if r["impl"] == "eager")
+    assert f"eager {eager_first:.1f} s" in out.stdout
     assert "## Targets" in (tmp_path / "cpu.md").read_text()
 
 
