@@ -244,7 +244,7 @@ def main(argv=None):
 
     results = {}
 
-    def write_json(results, critic, complete):
+    def write_json(critic, complete):
         """Rewritten after each contender, so that a run cut short (a lease's deadline) keeps what it timed."""
         if not args.json:
             return
@@ -273,7 +273,7 @@ def main(argv=None):
                                  finite=ok)
             print(f"{name:22s} {dt:8.2f} s  {args.batch / dt:8.1f} images/s  {dt / args.steps * 1e3:7.2f} ms/step"
                   f"{'' if ok else '  NON-FINITE OUTPUT'}", flush=True)
-            write_json(results, None, complete=False)
+            write_json(None, complete=False)
         if args.profile:
             short = DDPMScheduler(num_train_timesteps=args.steps)
             short.set_timesteps(1)
@@ -287,7 +287,7 @@ def main(argv=None):
         for name, r in results.items():
             r["speedup_vs_eager"] = base / r["seconds"]
         print("speedup vs eager: " + ", ".join(f"{n} {r['speedup_vs_eager']:.2f}x" for n, r in results.items()))
-    write_json(results, critic, complete=True)
+    write_json(critic, complete=True)
 
 if __name__ == "__main__":
     main()

@@ -114,7 +114,7 @@ def _run_entry(op, case, backward, impls, device, budget_s, bar, rows, errors):
             impl=name, ms=t * 1e3, gbps=traffic / t / 1e9, copy_gbps=copy_bw / 1e9,
             frac_copy=traffic / t / copy_bw, vs_eager=eager_t / t,
             vs_compile=(compile_t / t) if compile_t else None,
-            saved_mb=None if saved is None else saved / 2**20, first_call_s=first_call.get(name)))
+            saved_mb=None if saved is None else saved / 2**20, first_call_s=first_call[name]))
     # the entry's wall time, compiling and warm-up included (on a GPU mostly torch.compile's autotuning):
     # what a time-limited run (scripts/gpu_check.sh) has to plan for
     entry_s = time.perf_counter() - t_entry
@@ -193,7 +193,7 @@ def time_spent_text(rows):
     """Where the run's wall time went: the entries' total and each contender's first calls (compiling)."""
     first = {}
     for r in rows:
-        first[r["impl"]] = first.get(r["impl"], 0.0) + (r["first_call_s"] or 0.0)
+        first[r["impl"]] = first.get(r["impl"], 0.0) + r["first_call_s"]
     entries = sum(r["entry_s"] for r in rows if r["impl"] == "eager")  # one eager row per entry
     return (f"time spent: {entries:.1f} s in {sum(r['impl'] == 'eager' for r in rows)} entries; first calls "
             "(compiling, warm-up): " + ", ".join(f"{k} {v:.1f} s" for k, v in first.items()))

@@ -90,15 +90,13 @@ if [ -n "${GENKERN_CXX:-}" ]; then export CXX=$GENKERN_CXX CC=${GENKERN_CC:-/usr
 # Seconds a stage may run: the smaller of its own limit ($1) and what is left before DEADLINE. Each runs
 # under `timeout -k 10`: a process that ignores the signal is killed 10 s later. pytest gets SIGINT, on
 # which it still prints its failures and summary; bench and bench.e2e keep what they measured.
-limit() {
-  local left=$((DEADLINE - SECONDS))
-  echo $(( $1 < left ? $1 : left ))
-}
+left() { echo $((DEADLINE - SECONDS)); }
+limit() { local l; l=$(left); echo $(( $1 < l ? $1 : l )); }
 
 for stage in $STAGES; do
   t0=$SECONDS
-  if [ $((DEADLINE - SECONDS)) -lt 30 ]; then
-    echo "== $stage: SKIPPED, $((DEADLINE - SECONDS)) s left before DEADLINE=$DEADLINE"
+  if [ "$(left)" -lt 30 ]; then
+    echo "== $stage: SKIPPED, $(left) s left before DEADLINE=$DEADLINE"
     status=1
     continue
   fi

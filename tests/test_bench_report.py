@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench import targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,8 +156,6 @@ def test_bench_runs_each_op_s_first_entries_first():
 
 def test_e2e_json_keeps_the_contenders_timed_before_a_cut(tmp_path, monkeypatch):
     """bench.e2e rewrites its JSON after each contender: a run stopped by a lease's deadline keeps them."""
-    import pytest
-
     from bench import e2e
     path = tmp_path / "e2e.json"
     argv = ["--device", "cpu", "--config", "digits", "--batch", "2", "--steps", "3", "--impls", "eager,genkern",
