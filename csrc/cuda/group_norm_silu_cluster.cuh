@@ -240,7 +240,7 @@ void launch_clusters(void (*kernel)(Params...), int64_t ctas, int k, size_t smem
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
 }
 
-// Calls fn(std::type_identity<T>, integral_constant V, ActivationConstant A, bool_constant CL) for the
+// Calls fn(TypeTag<T>, integral_constant V, ActivationConstant A, bool_constant CL) for the
 // call's element type, pack width (16 bytes, or one element), activation and layout.
 template <typename Fn>
 void dispatch_cluster(at::ScalarType dtype, Activation act, int vec, bool channels_last, Fn&& fn) {
@@ -248,9 +248,9 @@ void dispatch_cluster(at::ScalarType dtype, Activation act, int vec, bool channe
     dispatch_activation(act, [&](auto a) {
       const auto with_layout = [&](auto cl) {
         if (vec == 1) {
-          fn(std::type_identity<scalar_t>{}, std::integral_constant<int, 1>{}, a, cl);
+          fn(TypeTag<scalar_t>{}, std::integral_constant<int, 1>{}, a, cl);
         } else {
-          fn(std::type_identity<scalar_t>{}, std::integral_constant<int, kPack16<scalar_t>>{}, a, cl);
+          fn(TypeTag<scalar_t>{}, std::integral_constant<int, kPack16<scalar_t>>{}, a, cl);
         }
       };
       if (channels_last) {

@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kClusterThreads, kCandidateMinBlocks)
 #endif
 }
 
-// fn(std::type_identity<T>, integral_constant V) for the call's dtype and pack width (SiLU only: the
+// fn(TypeTag<T>, integral_constant V) for the call's dtype and pack width (SiLU only: the
 // timed case; fewer kernels to build).
 template <typename Fn>
 void dispatch_groups(at::ScalarType dtype, Activation act, int vec, Fn&& fn) {
@@ -277,7 +277,7 @@ void dispatch_groups(at::ScalarType dtype, Activation act, int vec, Fn&& fn) {
     bool done = false;
     const auto with = [&](auto v) {
       if constexpr (decltype(v)::value <= kPack16<scalar_t>) {
-        if (vec == decltype(v)::value) fn(std::type_identity<scalar_t>{}, v), done = true;
+        if (vec == decltype(v)::value) fn(TypeTag<scalar_t>{}, v), done = true;
       }
     };
     with(std::integral_constant<int, 1>{});
