@@ -11,7 +11,9 @@
 # torchvision of that release from PyPI (a CUDA build: ~5 GB, as on the GPU machine) and the test
 # dependencies the GPU machine has (no diffusers there, so none here); a copy of the working tree, so
 # that the repository's own genkern/_C.so (built against the newer torch) stays; there the editable
-# build with GENKERN_CUDA=1 for sm_90 (the H100, as scripts/gpu_check.sh builds there), then pytest.
+# build with GENKERN_CUDA=1 for sm_90 (the H100, as scripts/gpu_check.sh builds there), the kernel
+# candidates' build (scripts/gpu_candidates/run.py --build-only), every Triton kernel compiled for sm_90
+# by the GPU's Triton (scripts/triton_compile_check.py; nothing runs), then pytest.
 # Left out: the Triton interpreter cases (`-k "not interpret"`): Triton 3.6's interpreter cannot
 # iterate range() over a bound computed by tl.minimum, which compiled Triton (the GPU's) can; CI runs
 # them with Triton 3.8.
@@ -64,5 +66,12 @@ if ! GENKERN_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CUDA_HOME=
   exit 1
 fi
 echo "gpu-env-check: built after $((SECONDS - t0)) s"
+# the candidates stage of a lease compiles scripts/gpu_candidates as torch.utils.cpp_extension.load does
+TORCH_EXTENSIONS_DIR="$work/.torch_extensions" TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+  CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} "$venv/bin/python" scripts/gpu_candidates/run.py --build-only 2>&1 \
+  | grep -v "No CUDA runtime is found"
+echo "gpu-env-check: candidates built after $((SECONDS - t0)) s"
+# every Triton kernel through Triton's compiler for sm_90 (the tests below run them in the interpreter)
+TRITON_CACHE_DIR="$work/.triton" "$venv/bin/python" scripts/triton_compile_check.py
 "$venv/bin/python" -m pytest tests -q -ra -p no:cacheprovider -k "not interpret"
 echo "gpu-env-check: passed against torch $GPU_TORCH in $((SECONDS - t0)) s"

@@ -2,6 +2,8 @@
 in one call on a GPU machine (after scripts/gpu_check.sh's build stage has built genkern._C):
 
     python scripts/gpu_candidates/run.py [OUT_DIR]
+    python scripts/gpu_candidates/run.py --build-only    # compile and load them, no GPU needed
+                                                         # (scripts/gpu_env_check.sh, against torch 2.11)
 
 Checks (fresh random inputs with a non-zero mean, outputs allocated over NaN-filled memory): each
 candidate against the float64 reference (genkern/reference) in forward and backward, at the timed shapes
@@ -88,6 +90,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def build():
+    """Compile the candidates into one library and load it (for TORCH_CUDA_ARCH_LIST, else the GPU's arch)."""
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "{}.{}".format(*torch.cuda.get_device_capability())
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     cpp.load(name="genkern_candidates", sources=[os.path.join(HERE, f) for f in SOURCES],
@@ -377,6 +380,11 @@ CANDIDATES = [
 
 
 def main():
+    if sys.argv[1:] == ["--build-only"]:
+        build()
+        ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("genkern_candidates::"))
+        print(f"candidates built from {', '.join(SOURCES)}: {len(ops)} ops ({', '.join(o.split('::')[1] for o in ops)})")
+        return
     out = sys.argv[1] if len(sys.argv) > 1 else None
     build()
     torch.manual_seed(0)
