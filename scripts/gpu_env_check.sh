@@ -30,7 +30,8 @@ pick_python() {
   done
 }
 venv=${GPU_ENV_VENV:-$root/.venv-gpu-env}
-export MAX_JOBS=${MAX_JOBS:-2}
+# the H100's arch and the real toolkit (/usr/local/bin/nvcc here is a wrapper), for both CUDA builds below
+export MAX_JOBS=${MAX_JOBS:-2} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 t0=$SECONDS
 
 if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$GPU_TORCH')" 2>/dev/null; then
@@ -57,8 +58,7 @@ trap 'rm -rf "$work"' EXIT
 git ls-files -co --exclude-standard -z | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
   | tar --null -T - -cf - | tar -xf - -C "$work"
 cd "$work"
-if ! GENKERN_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} \
-    "$venv/bin/pip" install -e . --no-build-isolation --no-deps -v > build.log 2>&1; then
+if ! GENKERN_CUDA=1 "$venv/bin/pip" install -e . --no-build-isolation --no-deps -v > build.log 2>&1; then
   # the compiler's own messages first (pip's summary says only that the build failed)
   grep -E "error( [A-Z0-9]+)?:" build.log | cut -c1-300 | awk '!seen[$0]++' | head -20
   tail -5 build.log
@@ -67,8 +67,7 @@ if ! GENKERN_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CUDA_HOME=
 fi
 echo "gpu-env-check: built after $((SECONDS - t0)) s"
 # the candidates stage of a lease compiles scripts/gpu_candidates as torch.utils.cpp_extension.load does
-TORCH_EXTENSIONS_DIR="$work/.torch_extensions" TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
-  CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} "$venv/bin/python" scripts/gpu_candidates/run.py --build-only 2>&1 \
+TORCH_EXTENSIONS_DIR="$work/.torch_extensions" "$venv/bin/python" scripts/gpu_candidates/run.py --build-only 2>&1 \
   | grep -v "No CUDA runtime is found"
 echo "gpu-env-check: candidates built after $((SECONDS - t0)) s"
 # every Triton kernel through Triton's compiler for sm_90 (the tests below run them in the interpreter)
