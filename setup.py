@@ -144,7 +144,9 @@ else:
         extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"], py_limited_api=True,
     )
 
-# Import-time checks read this instead of loading a possibly stale binary.
+# Import-time checks read this instead of loading a possibly stale binary. Written by the build itself,
+# beside the library it describes, so that a setup.py run that builds nothing (pip's metadata step, a
+# `--dry-run`) leaves the last build's record alone.
 build_info = {
     "torch": torch.__version__,
     "cuda": bool(cuda_home),
@@ -154,14 +156,23 @@ build_info = {
     "cpu_isa": cpu_isa,
     "cpu_isa_flags": CPU_ISA_FLAGS[cpu_isa],
 }
-with open(os.path.join(ROOT, "genkern", "_build_info.json"), "w") as f:
-    json.dump(build_info, f, indent=1)
-print(f"genkern build: {build_info}")
+
+
+class BuildWithInfo(BuildExtension.with_options(no_python_abi_suffix=True)):
+    def run(self):
+        super().run()
+        # beside the library: in the tree (in place, as editable installs build) or in build_lib (a wheel)
+        target = os.path.join(ROOT if self.inplace else os.path.abspath(self.build_lib), "genkern")
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, "_build_info.json"), "w") as f:
+            json.dump(build_info, f, indent=1)
+        print(f"genkern build: {build_info}")
+
 
 setup(
     packages=find_packages(include=["genkern", "genkern.*"]),
     package_data={"genkern": ["_build_info.json"]},
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+    cmdclass={"build_ext": BuildWithInfo},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )
