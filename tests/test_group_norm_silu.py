@@ -1,4 +1,6 @@
 """group_norm_silu: every kernel backend against the float64 reference, forward and backward."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -250,3 +252,87 @@ def test_autocast_follows_group_norm_policy(device, dtype):
         got = fused(x)
     assert got.dtype == expected.dtype
     assert_close(got, expected.double(), expected.dtype, "autocast")
+
+
+@pytest.fixture
+def deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("grad,forced,triton,expected", [(True, None, True, ["triton"]), (True, None, False, []),
+                                                         (False, None, True, ["cuda"]), (True, "cuda", True, ["cuda"])],
+                         ids=["grad", "grad-no-triton", "no-grad", "forced-cuda"])
+def test_deterministic_mode_keeps_the_cuda_backward_out(monkeypatch, deterministic, grad, forced, triton, expected):
+    """The routing alone, on the CPU: select() is made to answer "cuda" and the cuda call runs the cpu
+    kernels instead. Where a gradient will be taken and no backend is forced, deterministic mode runs
+    the op on triton (here the interpreter) or, without Triton, the reference (no kernel call); the
+    result still matches float64."""
+    op = importlib.import_module("genkern.ops.group_norm_silu")  # the module (genkern.ops exports the function)
+    calls = []
+    real_call, real_unavailable = op.call_kernel, op._backend.unavailable_reason
+
+    def spy(name, backend, *args):
+        calls.append(backend)
+        return real_call(name, "cpu" if backend == "cuda" else backend, *args)
+
+    monkeypatch.setattr(op, "call_kernel", spy)
+    monkeypatch.setattr(op._backend, "select_for", lambda t: "cuda")
+    monkeypatch.setattr(op._backend, "current_backend", lambda: forced)
+    # "cuda" stands for the device here: the triton backend is there when it runs on these CPU tensors
+    monkeypatch.setattr(op._backend, "unavailable_reason",
+                        lambda name, device: "left out by the test" if name == "triton" and not triton
+                        else real_unavailable(name, "cpu" if device == "cuda" else device))
+    require_backend("cpu", "cpu")
+    if "triton" in expected:
+        require_backend("triton", "cpu")
+    x = make_input((2, 16, 4, 4), torch.float32, "cpu").requires_grad_(grad)
+    w = (1 + 0.5 * torch.randn(16)).requires_grad_(grad)
+    b = (0.5 * torch.randn(16)).requires_grad_(grad)
+    y = genkern.group_norm_silu(x, 4, w, b)
+    assert calls == expected, calls  # [] where the reference ran
+    yr, inputs = reference(x, 4, w, b, 1e-5, "silu")
+    assert_close(y, yr, torch.float32, "y")
+    if grad:
+        dy = torch.randn(x.shape)
+        for name, g, gr in zip(["dx", "dweight", "dbias"], torch.autograd.grad(y, (x, w, b), dy),
+                               torch.autograd.grad(yr, inputs, dy.double())):
+            assert_close(g, gr, torch.float32, name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic_mode_reproduces_gradients_bitwise(deterministic, channels_last, dtype):
+    """Shapes whose CUDA backward adds channel sums through atomics (clusters of 4 CTAs on Hopper):
+    under deterministic mode two backward passes agree to the bit, and with the float64 reference."""
+    shape, G = (4, 64, 32, 32), 4
+    x = make_input(shape, dtype, "cuda", channels_last).requires_grad_()
+    w = (1 + 0.5 * torch.randn(64, device="cuda")).requires_grad_()
+    b = (0.5 * torch.randn(64, device="cuda")).requires_grad_()
+    dy = torch.randn(shape, device="cuda").to(dtype)
+    runs = [torch.autograd.grad(genkern.group_norm_silu(x, G, w, b), (x, w, b), dy) for _ in range(3)]
+    for later in runs[1:]:
+        for name, g0, g in zip(["dx", "dweight", "dbias"], runs[0], later):
+            assert torch.equal(g0, g), f"{name} differs between two runs"
+    yr, inputs = reference(x, G, w, b, 1e-5, "silu")
+    for name, g, gr in zip(["dx", "dweight", "dbias"], runs[0], torch.autograd.grad(yr, inputs, dy.double().cpu())):
+        assert_close(g, gr, dtype, name, scale=10.0 if name == "dx" else 0.0)
+
+
+@pytest.mark.cuda
+def test_forced_cuda_backward_alerts_in_deterministic_mode(deterministic):
+    """The CUDA backward's atomics (channels-last: on the cluster and the two-pass path alike) under
+    deterministic mode: an error naming the op, or a warning under warn_only, as ATen's own
+    nondeterministic ops do."""
+    require_backend("cuda", "cuda")
+    x = make_input((2, 64, 16, 16), torch.float32, "cuda", channels_last=True).requires_grad_()
+    with genkern.use_backend("cuda"):
+        y = genkern.group_norm_silu(x, 8)
+    with pytest.raises(RuntimeError, match="group_norm_silu_backward.*deterministic"):
+        y.backward(torch.ones_like(y), retain_graph=True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    with pytest.warns(UserWarning, match="group_norm_silu_backward"):
+        y.backward(torch.ones_like(y))
+    assert torch.isfinite(x.grad).all()

@@ -364,6 +364,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward(
   const at::Tensor w = param_or(weight, c.x, 1.f), b = param_or(bias, c.x, 0.f);
   const int vec = slice_vec(s, c.x, c.dy);
   const SliceGeometry sg = make_grad_slice_geometry(s, c.x, vec);
+  // the cluster kernel's dweight/dbias and the two-pass channels-last partial sums (dx's too) add up
+  // through shared-memory atomics; genkern.group_norm_silu picks the triton backend in deterministic mode
+  constexpr const char* kNondeterministic =
+      "genkern::group_norm_silu_backward on CUDA (its channel sums use shared-memory atomics; the triton and "
+      "reference backends are deterministic: genkern.use_backend(\"triton\"))";
+  if (sg.k > 0 || s.channels_last) at::globalContext().alertNotDeterministic(kNondeterministic);
   if (sg.k > 0) {
     auto [dw, db] = cluster_backward<kClusterMinBlocks>(c, w, b, sg, vec);
     return {c.dx, dw, db};
