@@ -273,13 +273,12 @@ def main(argv=None):
                                  finite=ok)
             print(f"{name:22s} {dt:8.2f} s  {args.batch / dt:8.1f} images/s  {dt / args.steps * 1e3:7.2f} ms/step"
                   f"{'' if ok else '  NON-FINITE OUTPUT'}", flush=True)
-            write_json(None, complete=False)
-        if args.profile:
-            short = DDPMScheduler(num_train_timesteps=args.steps)
-            short.set_timesteps(1)
-            for name in impls:
-                results[name]["profile_ms_one_step"] = profile_summary(lambda n=name: run(n, short), device,
+            if args.profile:  # right after its run, so that a run cut short by a time limit keeps it
+                one = DDPMScheduler(num_train_timesteps=args.steps)
+                one.set_timesteps(1)
+                results[name]["profile_ms_one_step"] = profile_summary(lambda n=name: run(n, one), device,
                                                                        f"one sampling step, {name}")
+            write_json(None, complete=False)
     critic = critic_step_bench(device, dtype, args.critic_batch, args.critic_config, 10, args.profile, fmt) \
         if args.critic else None
     base = results.get("eager", {}).get("seconds")

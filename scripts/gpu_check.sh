@@ -7,11 +7,13 @@
 # A session's lease is 15 minutes of device time, the machine's start (a minute or two) included, and
 # one call runs at most 10 minutes. So the default is one call that does what the issue asks, in order
 # of need, under one deadline; the most elastic stage (bench: it keeps what it measured) goes last:
-#   device run, timeout_s 590:  bash scripts/gpu_check.sh $OUT
-#     build ~80 s, tests ~150-170 s (8 xdist workers), e2e <= 150 s, bench: the rest of DEADLINE
+#   device run, timeout_s 590, carry [".gpu-prebuilt"]:  bash scripts/gpu_check.sh $OUT
+#     build ~80 s (a few seconds with .gpu-prebuilt, below), tests ~150-170 s (8 xdist workers),
+#     e2e <= 210 s, bench: the rest of DEADLINE
 #   then, while the machine is warm (30 s) and 3+ minutes of the lease are left, without building again
-#   (genkern/_C.so and its editable install stay on a warm machine):
+#   (genkern/_C.so and its editable install stay on a warm machine), carrying .gpu-prebuilt again:
 #     STAGES=candidates DEADLINE=<what is left less ~40 s> bash scripts/gpu_check.sh $OUT
+#   .gpu-prebuilt: `make gpu-env-check` on the CPU machine before the lease leaves it there
 #   and give the machine back. "sanitize" and "ncu" need a lease of their own.
 # Knobs (environment):
 #   STAGES        which stages to run, in order (default "build tests e2e bench"; also "candidates"
@@ -31,9 +33,10 @@
 #                 cases it did not reach
 #   GENKERN_CXX  the C++ compiler (default /usr/bin/g++ when present; why: below the environment report)
 #   E2E_ARGS      arguments for `python -m bench.e2e` (default: the issue's 256-image cifar10 run, eager,
-#                 genkern and genkern+graphs, --profile: one step of each, GPU time by op class; add
-#                 genkern+compile+graphs through --impls where the lease allows its ~1-minute compile);
-#                 E2E_TIMEOUT seconds (default 150); e2e.json is rewritten after each contender
+#                 genkern, genkern+graphs and, last, genkern+compile+graphs (its ~1-minute compile paid
+#                 by the prebuilt build's saving), --profile: one step of each, GPU time by op class);
+#                 E2E_TIMEOUT seconds (default 210); e2e.json is rewritten after each contender, so a
+#                 stage cut short keeps the contenders it finished
 #   CANDIDATES_TIMEOUT  seconds for the candidates stage (default 300)
 #   SANITIZE_TOOLS    compute-sanitizer tools for the sanitize stage (default "memcheck racecheck":
 #                 out-of-bounds accesses and shared-memory races; synccheck and initcheck may be added);
@@ -60,6 +63,7 @@ DEADLINE=${DEADLINE:-570}
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 status=0
+triton_entries() { ls "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" 2>/dev/null | wc -l; }
 pack() {
   local files
   files=$(cd "$out" && find . -maxdepth 1 -type f ! -name gpu_check.tar.gz -printf '%P\n' | sort)
@@ -68,7 +72,7 @@ pack() {
     echo "packed $(echo $files) into $out/gpu_check.tar.gz"
   fi
 }
-trap pack EXIT
+trap 'echo "Triton cache: ${triton_at_start:-?} entries at the start, $(triton_entries) at the end (the difference: compiled here)" >> "$out/env.txt"; pack' EXIT
 {
   echo "date: $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>&1
@@ -77,6 +81,24 @@ trap pack EXIT
   nproc
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
+
+# What make gpu-env-check built ahead against this torch and Triton, where the call carried it
+# (the device tool's `carry: [".gpu-prebuilt"]`; scripts/gpu_prebuilt.py): the Triton cache and the
+# candidates' library for every stage, genkern._C for the build stage, each only where it matches the
+# tree. Without the editable install genkern is imported from the tree.
+prebuilt=${GENKERN_PREBUILT:-.gpu-prebuilt}
+took_extension=1
+if [ -f "$prebuilt/manifest.json" ]; then
+  install=()
+  [[ " $STAGES " == *" build "* ]] && install=(--install-extension)
+  exports=$($PY scripts/gpu_prebuilt.py use "$prebuilt" "${install[@]}" 2>"$out/prebuilt.log")
+  took_extension=$?
+  tee -a "$out/env.txt" < "$out/prebuilt.log"
+  rm -f "$out/prebuilt.log"
+  eval "$exports"
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+triton_at_start=$(triton_entries)
 
 # The GPU image's default CXX (/opt/gcc/bin/g++, a wrapper) put its own copy of libstdc++'s stream
 # code into genkern/_C.so: the first error message formatted there (a C++ TORCH_CHECK) crashed in
@@ -102,8 +124,14 @@ for stage in $STAGES; do
   fi
   case $stage in
     build)
-      GENKERN_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 $(limit 300) $PY -m pip install -e . --no-build-isolation --no-deps -v \
-        > "$out/build.log" 2>&1 || { echo "BUILD FAILED (see build.log)"; tail -60 "$out/build.log"; exit 1; }
+      if [ $took_extension -eq 0 ] &&
+         $PY -c "import sys, genkern._extension as e; print(e.STATUS); sys.exit(not e.has_cuda_kernels())" > "$out/build.log" 2>&1; then
+        echo "genkern._C: prebuilt by make gpu-env-check, loaded" | tee -a "$out/env.txt"
+      else
+        [ $took_extension -eq 0 ] && echo "genkern._C: the prebuilt one did not load ($(tail -1 "$out/build.log")): building"
+        GENKERN_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 $(limit 300) $PY -m pip install -e . --no-build-isolation --no-deps -v \
+          > "$out/build.log" 2>&1 || { echo "BUILD FAILED (see build.log)"; tail -60 "$out/build.log"; exit 1; }
+      fi
       cat genkern/_build_info.json >> "$out/env.txt"
       $PY -c "import genkern; print(genkern.backends(include_unavailable=True))" 2>&1 | tee -a "$out/env.txt"
       ;;
@@ -125,8 +153,8 @@ for stage in $STAGES; do
       grep -v "bench:" "$out/bench.log" | tail -80
       ;;
     e2e)
-      timeout -k 10 $(limit ${E2E_TIMEOUT:-150}) $PY -m bench.e2e --device cuda --json "$out/e2e.json" \
-        ${E2E_ARGS:---impls eager,genkern,genkern+graphs --profile} > "$out/e2e.log" 2>&1 || status=1
+      timeout -k 10 $(limit ${E2E_TIMEOUT:-210}) $PY -m bench.e2e --device cuda --json "$out/e2e.json" \
+        ${E2E_ARGS:---impls eager,genkern,genkern+graphs,genkern+compile+graphs --profile} > "$out/e2e.log" 2>&1 || status=1
       tail -40 "$out/e2e.log"
       ;;
     candidates)

@@ -13,7 +13,8 @@
 # that the repository's own genkern/_C.so (built against the newer torch) stays; there the editable
 # build with GENKERN_CUDA=1 for sm_90 (the H100, as scripts/gpu_check.sh builds there), the kernel
 # candidates' build (scripts/gpu_candidates/run.py --build-only), every Triton kernel compiled for sm_90
-# by the GPU's Triton (scripts/triton_compile_check.py; nothing runs), then pytest.
+# by the GPU's Triton (scripts/triton_compile_check.py; nothing runs), then pytest. What it built is
+# saved into .gpu-prebuilt/ for a lease to carry (scripts/gpu_prebuilt.py).
 # Left out: the Triton interpreter cases (`-k "not interpret"`): Triton 3.6's interpreter cannot
 # iterate range() over a bound computed by tl.minimum, which compiled Triton (the GPU's) can; CI runs
 # them with Triton 3.8.
@@ -73,4 +74,7 @@ echo "gpu-env-check: candidates built after $((SECONDS - t0)) s"
 # every Triton kernel through Triton's compiler for sm_90 (the tests below run them in the interpreter)
 TRITON_CACHE_DIR="$work/.triton" "$venv/bin/python" scripts/triton_compile_check.py
 "$venv/bin/python" -m pytest tests -q -ra -p no:cacheprovider -k "not interpret"
+# what passed, saved for a lease to carry (scripts/gpu_prebuilt.py): its build stage then takes it
+"$venv/bin/python" scripts/gpu_prebuilt.py save "$root/.gpu-prebuilt" --tree "$work" --triton-cache "$work/.triton" \
+  --candidates-lib "$work/.torch_extensions/genkern_candidates/genkern_candidates.so"
 echo "gpu-env-check: passed against torch $GPU_TORCH in $((SECONDS - t0)) s"

@@ -91,6 +91,10 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 def build():
     """Compile the candidates into one library and load it (for TORCH_CUDA_ARCH_LIST, else the GPU's arch)."""
+    prebuilt = os.environ.get("GENKERN_CANDIDATES_LIB")
+    if prebuilt:  # built by make gpu-env-check from these sources (scripts/gpu_prebuilt.py checked)
+        torch.ops.load_library(prebuilt)
+        return
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "{}.{}".format(*torch.cuda.get_device_capability())
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     cpp.load(name="genkern_candidates", sources=[os.path.join(HERE, f) for f in SOURCES],
@@ -383,7 +387,7 @@ def main():
     if sys.argv[1:] == ["--build-only"]:
         build()
         ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("genkern_candidates::"))
-        print(f"candidates built from {', '.join(SOURCES)}: {len(ops)} ops ({', '.join(o.split('::')[1] for o in ops)})")
+        print(f"candidates {'loaded (prebuilt)' if os.environ.get('GENKERN_CANDIDATES_LIB') else 'built'} from {', '.join(SOURCES)}: {len(ops)} ops ({', '.join(o.split('::')[1] for o in ops)})")
         return
     out = sys.argv[1] if len(sys.argv) > 1 else None
     build()
