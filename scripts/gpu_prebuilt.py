@@ -24,19 +24,22 @@ import glob
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# what each build reads, relative to the tree's root
+# what each build reads, relative to the tree's root: the files under these paths with these suffixes
+# (run.py: the candidates' compiler flags; not their README)
 EXTENSION_INPUTS = ["setup.py", "pyproject.toml", "csrc"]
 CANDIDATE_INPUTS = ["csrc", "scripts/gpu_candidates"]
+SOURCE_SUFFIXES = (".py", ".toml", ".cpp", ".cu", ".cuh", ".h")
 
 
 def sources_hash(tree: str, inputs: list[str]) -> str:
-    """sha256 over the relative paths and contents of the files under `inputs` (Python caches left out)."""
+    """sha256 over the relative paths and contents of the source files under `inputs`."""
     files = []
     for entry in inputs:
         path = os.path.join(tree, entry)
@@ -45,7 +48,8 @@ def sources_hash(tree: str, inputs: list[str]) -> str:
             continue
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-            files += [os.path.relpath(os.path.join(dirpath, f), tree) for f in filenames if not f.endswith(".pyc")]
+            files += [os.path.relpath(os.path.join(dirpath, f), tree) for f in filenames
+                      if f.endswith(SOURCE_SUFFIXES)]
     h = hashlib.sha256()
     for rel in sorted(files):
         h.update(rel.encode() + b"\0")
@@ -70,8 +74,8 @@ def save(dest: str, tree: str, triton_cache: str, candidates_lib: str) -> None:
     # the kernels (.nv_fatbin, -lineinfo included) are not debug sections
     strip = shutil.which("strip")
     for lib in glob.glob(os.path.join(tmp, "*", "*.so")):
-        if strip:
-            subprocess.run([strip, "--strip-debug", lib], check=True)
+        if strip:  # where it fails the library stays as it was, only larger
+            subprocess.run([strip, "--strip-debug", lib], check=False, capture_output=True)
     # only what a cache hit reads: the index files, the metadata and the cubins (not the IRs and PTX)
     kept = 0
     for entry in sorted(os.listdir(triton_cache)):
@@ -90,7 +94,6 @@ def save(dest: str, tree: str, triton_cache: str, candidates_lib: str) -> None:
         "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
         "extension_sources": sources_hash(tree, EXTENSION_INPUTS),
         "candidate_sources": sources_hash(tree, CANDIDATE_INPUTS) if candidates_lib else None,
-        "triton_cache_dir": os.path.abspath(triton_cache),
         "triton_entries": kept,
     }
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
@@ -102,7 +105,7 @@ def save(dest: str, tree: str, triton_cache: str, candidates_lib: str) -> None:
           f"{'the candidates, ' if candidates_lib else ''}{kept} Triton cache entries)")
 
 
-def _rewrite_triton_index(cache: str, old_root: str) -> int:
+def _rewrite_triton_index(cache: str) -> int:
     """Point the cache's index files (__grp__*.json, absolute paths) at the cache's new place."""
     n = 0
     for grp in glob.glob(os.path.join(cache, "*", "__grp__*.json")):
@@ -119,7 +122,7 @@ def _rewrite_triton_index(cache: str, old_root: str) -> int:
     return n
 
 
-def use(src: str, install_extension: bool) -> int:
+def use(src: str, install_extension: bool, tree: str = ROOT) -> int:
     """Take what matches: print `export ...` lines for the shell (the Triton cache, the candidates'
     library), reasons to stderr; with install_extension, copy genkern._C into the tree when it matches.
     Exit 0 when genkern._C was taken (the build stage may skip its build), 1 otherwise."""
@@ -137,8 +140,8 @@ def use(src: str, install_extension: bool) -> int:
     exports = []
     cache = os.path.join(src, "triton")
     if os.path.isdir(cache):
-        n = _rewrite_triton_index(cache, m.get("triton_cache_dir", ""))
-        exports.append(f"export TRITON_CACHE_DIR={os.path.abspath(cache)}")
+        n = _rewrite_triton_index(cache)
+        exports.append(f"export TRITON_CACHE_DIR={shlex.quote(os.path.abspath(cache))}")
         say(f"Triton cache of {n} kernel specialisations (built with Triton {m.get('triton')}; misses compile as usual)")
     took_extension = False
     archs = [a.replace("+PTX", "") for a in (m.get("cuda_arch_list") or "").replace(",", ";").split(";")]
@@ -149,18 +152,16 @@ def use(src: str, install_extension: bool) -> int:
         say(f"built for sm {m.get('cuda_arch_list')}, this GPU is {here}: building here")
     else:
         lib = os.path.join(src, "candidates", "genkern_candidates.so")
-        if os.path.isfile(lib) and m.get("candidate_sources") == sources_hash(ROOT, CANDIDATE_INPUTS):
-            exports.append(f"export GENKERN_CANDIDATES_LIB={os.path.abspath(lib)}")
+        if os.path.isfile(lib) and m.get("candidate_sources") == sources_hash(tree, CANDIDATE_INPUTS):
+            exports.append(f"export GENKERN_CANDIDATES_LIB={shlex.quote(os.path.abspath(lib))}")
             say("candidates' library taken")
         elif os.path.isfile(lib):
             say("candidates' sources changed since the prebuild: they build as usual")
-        if not install_extension:
-            pass
-        elif m.get("extension_sources") != sources_hash(ROOT, EXTENSION_INPUTS):
+        if install_extension and m.get("extension_sources") != sources_hash(tree, EXTENSION_INPUTS):
             say("genkern._C's sources changed since the prebuild: building here")
-        else:
+        elif install_extension:
             for f in glob.glob(os.path.join(src, "genkern", "*")):
-                shutil.copy2(f, os.path.join(ROOT, "genkern"))
+                shutil.copy2(f, os.path.join(tree, "genkern"))
             took_extension = True
             say(f"genkern._C taken (torch {m['torch']}, arch {m.get('cuda_arch_list')})")
     print("\n".join(exports))
