@@ -84,7 +84,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     backend = _backend.select_for(x)
     if backend == "cuda" and torch.are_deterministic_algorithms_enabled() and _backend.current_backend() is None \
             and _needs_grad(x, weight, bias):
-        backend = _deterministic_backend(x)
+        backend = _deterministic_cuda_backend()
     if backend == "reference" or x.dtype not in _KERNEL_DTYPES:
         _check_args(x, num_groups, weight, bias, eps)
         return _reference.group_norm_silu(x, num_groups, weight, bias, eps, act)
@@ -103,14 +103,14 @@ def _needs_grad(x, weight, bias) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
 
 
-def _deterministic_backend(x) -> str:
+@torch.compiler.assume_constant_result  # read once when traced, as _backend.select is
+def _deterministic_cuda_backend() -> str:
     """Under torch.use_deterministic_algorithms(True), where a gradient will be taken: the CUDA C++
     backward adds its dweight/dbias partial sums (and, channels-last on the two-pass path, dx's) with
     shared-memory atomics, in whatever order the warps arrive, so their last bits vary from run to run;
     the Triton backward sums in a fixed order and the reference is ATen's. A backend the user forced is
     kept (the CUDA op then raises, or warns under warn_only, as ATen's nondeterministic ops do)."""
-    return "triton" if _backend.unavailable_reason("triton", "cuda" if x.is_cuda else x.device.type) is None \
-        else "reference"
+    return "triton" if _backend.unavailable_reason("triton", "cuda") is None else "reference"
 
 
 # --------------------------------------------------------------------------------------------------
