@@ -181,6 +181,18 @@ def critic_step_bench(device, dtype, batch: int, config: str, reps: int, profile
     return res
 
 
+def network_flops(config: str, shape) -> int:
+    """FLOPs of one U-Net call on a batch of `shape` (torch's flop counter on a meta copy: convolutions,
+    matmuls and attention; the elementwise work is not counted), for the achieved TFLOP/s beside
+    images/s: how far the sampling loop is from the tensor cores' peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = UNet(config, fused=False).to("meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.empty(shape, device="meta"), torch.zeros(shape[0], dtype=torch.int64, device="meta"))
+    return counter.get_total_flops()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,6 +234,9 @@ def main(argv=None):
           f"{args.batch} images x {args.steps} steps, {str(dtype).replace('torch.', '')} on {device}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, "
           f"genkern backend {genkern.backends(device)}", flush=True)
+    flops = network_flops(args.config, shape)
+    print(f"network: {flops / args.batch / 1e9:.2f} GFLOP per image, {flops / 1e12:.3g} TFLOP per step; "
+          f"15 images/s (the DDPM paper's TPU v3-8) needs {15 / args.batch * flops / 1e12:.3g} TFLOP/s", flush=True)
 
     networks = {}
 
@@ -251,6 +266,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(config=args.config, batch=args.batch, steps=args.steps, dtype=str(dtype), device=device,
+                           network_flops_per_step=flops,
                            memory_format="channels_last" if args.channels_last else "contiguous",
                            cudnn_benchmark=args.cudnn_benchmark if device == "cuda" else None,
                            device_name=device_name(device), date=datetime.date.today().isoformat(),
@@ -269,10 +285,11 @@ def main(argv=None):
             sync(device)
             dt = time.perf_counter() - t0
             ok = bool(torch.isfinite(out).all())
+            tflops = flops * args.steps / dt / 1e12
             results[name] = dict(seconds=dt, images_per_s=args.batch / dt, ms_per_step=dt / args.steps * 1e3,
-                                 finite=ok)
+                                 network_tflops_per_s=tflops, finite=ok)
             print(f"{name:22s} {dt:8.2f} s  {args.batch / dt:8.1f} images/s  {dt / args.steps * 1e3:7.2f} ms/step"
-                  f"{'' if ok else '  NON-FINITE OUTPUT'}", flush=True)
+                  f"  {tflops:7.2f} TFLOP/s{'' if ok else '  NON-FINITE OUTPUT'}", flush=True)
             if args.profile:  # right after its run, so that a run cut short by a time limit keeps it
                 one = DDPMScheduler(num_train_timesteps=args.steps)
                 one.set_timesteps(1)

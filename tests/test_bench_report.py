@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench import targets
 
@@ -154,6 +155,30 @@ def test_bench_runs_each_op_s_first_entries_first():
     assert run_order([]) == []
 
 
+def unet_flops_by_hand(config, shape):
+    """One U-Net call's FLOPs from its layers' shapes, 2 per multiply-add: each convolution
+    2 N Cout Hout Wout Cin k^2, each linear layer 2 N in out, each attention block's two [HW, C] x [C, HW]
+    products 2 x 2 B (HW)^2 C (what bench.e2e's TFLOP/s divides by; biases and elementwise work left out)."""
+    from models.unet import AttnBlock, UNet
+    net, total = UNet(config, fused=False), [0]
+
+    def count(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            n, c_out, h, w = output.shape
+            total[0] += 2 * n * c_out * h * w * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, torch.nn.Linear):
+            total[0] += 2 * inputs[0].shape[0] * module.in_features * module.out_features
+        elif isinstance(module, AttnBlock):
+            b, c, h, w = inputs[0].shape
+            total[0] += 2 * 2 * b * (h * w) ** 2 * c
+
+    for m in net.modules():
+        m.register_forward_hook(count)
+    with torch.no_grad():
+        net(torch.zeros(shape), torch.zeros(shape[0], dtype=torch.int64))
+    return total[0]
+
+
 def test_e2e_json_keeps_the_contenders_timed_before_a_cut(tmp_path, monkeypatch):
     """bench.e2e rewrites its JSON after each contender: a run stopped by a lease's deadline keeps them."""
     from bench import e2e
@@ -168,6 +193,10 @@ def test_e2e_json_keeps_the_contenders_timed_before_a_cut(tmp_path, monkeypatch)
         assert abs(r["ms_per_step"] - r["seconds"] / 3 * 1e3) < 1e-9 * r["ms_per_step"]
     g = full["results"]["genkern"]
     assert abs(g["speedup_vs_eager"] - full["results"]["eager"]["seconds"] / g["seconds"]) < 1e-12
+    flops = full["network_flops_per_step"]
+    assert flops == unet_flops_by_hand("digits", (2, 1, 16, 16))
+    for r in full["results"].values():
+        assert abs(r["network_tflops_per_s"] - flops * 3 / r["seconds"] / 1e12) < 1e-9 * r["network_tflops_per_s"]
 
     def cut(*args, **kwargs):  # the genkern contender is stopped in its warm-up, as a deadline would
         raise KeyboardInterrupt
