@@ -73,9 +73,9 @@ def save(dest: str, tree: str, triton_cache: str, candidates_lib: str) -> None:
     # the host code's debug info is two thirds of _C (29 -> 10 MB) and a lease's tree may carry 64 MiB;
     # the kernels (.nv_fatbin, -lineinfo included) are not debug sections
     strip = shutil.which("strip")
-    for lib in glob.glob(os.path.join(tmp, "*", "*.so")):
-        if strip:  # where it fails the library stays as it was, only larger
-            subprocess.run([strip, "--strip-debug", lib], check=False, capture_output=True)
+    for lib in glob.glob(os.path.join(tmp, "*", "*.so")) if strip else []:
+        # where it fails the library stays as it was, only larger
+        subprocess.run([strip, "--strip-debug", lib], check=False, capture_output=True)
     # only what a cache hit reads: the index files, the metadata and the cubins (not the IRs and PTX)
     kept = 0
     for entry in sorted(os.listdir(triton_cache)):
@@ -111,11 +111,10 @@ def _rewrite_triton_index(cache: str) -> int:
     for grp in glob.glob(os.path.join(cache, "*", "__grp__*.json")):
         with open(grp) as f:
             data = json.load(f)
-        paths = data.get("child_paths", {})
         # the cubins' and metadata's own entries, in the folder the index lies in; the IRs were not kept
-        data["child_paths"] = {name: os.path.join(os.path.dirname(grp), os.path.basename(p))
-                               for name, p in paths.items()
-                               if os.path.exists(os.path.join(os.path.dirname(grp), os.path.basename(p)))}
+        here = {name: os.path.join(os.path.dirname(grp), os.path.basename(p))
+                for name, p in data.get("child_paths", {}).items()}
+        data["child_paths"] = {name: p for name, p in here.items() if os.path.exists(p)}
         with open(grp, "w") as f:
             json.dump(data, f)
         n += 1

@@ -100,6 +100,8 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
 
 
 def _needs_grad(x, weight, bias) -> bool:
+    # _call.records_autograd asks the same through torch._C._any_requires_grad, which torch.compile
+    # cannot trace (its callers run it outside compiled code only); this runs when traced too
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
 
 
