@@ -5,11 +5,18 @@ state_dict keys do not change):
 
 * in any ``nn.Sequential``, an ``nn.GroupNorm`` directly followed by ``nn.SiLU`` (or exact
   ``nn.GELU``): the norm becomes ``genkern.nn.GroupNormSiLU`` and the activation ``nn.Identity``;
-* diffusers' ``ResnetBlock2D`` with ``time_embedding_norm="default"`` and a SiLU nonlinearity:
+* diffusers' ``ResnetBlock2D`` with a SiLU nonlinearity and any ``time_embedding_norm`` but
+  ``"scale_shift"`` (``"default"``, and the VAE decoders' ``"group"``, which has no time embedding):
   ``norm1`` and ``norm2`` become fused. Its single ``nonlinearity`` module is applied to the
   feature maps right after ``norm1`` and ``norm2`` *and* to the 2-D time embedding, so it cannot
   become an Identity: it is replaced by ``SiLUOnEmbedding``, SiLU for 2-D inputs (the embedding)
   and a pass-through for the feature maps, which the fused norms have already activated;
+* the output head of diffusers' ``UNet2DModel``, ``UNet2DConditionModel`` and the ``Encoder``,
+  ``Decoder`` and ``MaskConditionDecoder`` of its VAEs: ``conv_norm_out`` (an ``nn.GroupNorm``)
+  becomes fused and ``conv_act`` (``nn.SiLU``) ``nn.Identity``. Their ``forward`` applies
+  ``conv_act`` only right after ``conv_norm_out`` (checked in diffusers 0.42's source); other
+  diffusers models with the same two attributes (video VAEs, 3-D U-Nets) are not checked and are
+  listed as skipped;
 * any module defining ``__genkern_patch__(self) -> bool`` (the package's own blocks, e.g.
   ``models.unet.NormAct``): it converts itself and says whether it changed.
 
@@ -89,7 +96,9 @@ def _patch_diffusers_resnet(name: str, block: nn.Module, report: PatchReport) ->
     if not (_plain_group_norm(block.norm1) and _plain_group_norm(block.norm2)):
         report.skipped.append(f"{name}: ResnetBlock2D norms are not nn.GroupNorm")
         return
-    if block.time_embedding_norm != "default":
+    # Every other value with plain GroupNorms runs norm2 straight into the nonlinearity: "default" (the time
+    # embedding is added before norm2) and the VAE decoders' "group" (no time embedding at all).
+    if block.time_embedding_norm == "scale_shift":
         report.skipped.append(f"{name}: ResnetBlock2D time_embedding_norm={block.time_embedding_norm!r} puts the "
                               "time scale/shift between norm2 and the activation")
         return
@@ -100,6 +109,34 @@ def _patch_diffusers_resnet(name: str, block: nn.Module, report: PatchReport) ->
     block.norm2 = GroupNormSiLU.from_group_norm(block.norm2, "silu")
     block.nonlinearity = SiLUOnEmbedding()
     report.replaced.append(f"{name}: ResnetBlock2D norm1, norm2 -> GroupNorm+SiLU fused")
+
+
+# diffusers classes whose forward is `conv_act(conv_norm_out(h))` and uses conv_act nowhere else
+_DIFFUSERS_NORM_OUT = ("UNet2DModel", "UNet2DConditionModel", "Encoder", "Decoder", "MaskConditionDecoder")
+
+
+def _has_diffusers_norm_out(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("diffusers.") and \
+        isinstance(getattr(m, "conv_norm_out", None), nn.Module) and isinstance(getattr(m, "conv_act", None), nn.Module)
+
+
+def _patch_diffusers_norm_out(name: str, m: nn.Module, report: PatchReport) -> None:
+    cls = type(m).__name__
+    if cls not in _DIFFUSERS_NORM_OUT:
+        report.skipped.append(f"{name or '<root>'}: {cls}.conv_norm_out + conv_act: a diffusers class whose forward "
+                              "genkern has not checked")
+        return
+    if not _plain_group_norm(m.conv_norm_out):  # e.g. the Decoder's SpatialNorm (MoVQ)
+        report.skipped.append(f"{name or '<root>'}: {cls}.conv_norm_out is {type(m.conv_norm_out).__name__}, "
+                              "not nn.GroupNorm")
+        return
+    kind = _activation_of(m.conv_act)
+    if kind is None:
+        report.skipped.append(f"{name or '<root>'}: {cls}.conv_act is {type(m.conv_act).__name__}, not SiLU or GELU")
+        return
+    m.conv_norm_out = GroupNormSiLU.from_group_norm(m.conv_norm_out, kind)
+    m.conv_act = nn.Identity()
+    report.replaced.append(f"{name or '<root>'}: {cls}.conv_norm_out+conv_act -> GroupNorm+{kind} fused")
 
 
 def patch(model: nn.Module) -> PatchReport:
@@ -119,4 +156,6 @@ def patch(model: nn.Module) -> PatchReport:
             _patch_sequential(name, m, report)
         elif _is_diffusers_resnet(m):
             _patch_diffusers_resnet(name, m, report)
+        if _has_diffusers_norm_out(m):
+            _patch_diffusers_norm_out(name, m, report)
     return report

@@ -86,7 +86,8 @@ def test_diffusers_unet2d_cifar10():
     model = copy.deepcopy(eager)
     report = genkern.patch(model)
     n_resnets = sum(1 for m in eager.modules() if type(m).__name__ == "ResnetBlock2D")
-    assert len(report) == n_resnets and not report.skipped, str(report)
+    assert len(report) == n_resnets + 1 and not report.skipped, str(report)  # + the output head
+    assert isinstance(model.conv_norm_out, genkern.nn.GroupNormSiLU) and isinstance(model.conv_act, nn.Identity)
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([500])
     # a 35.7M-parameter network: float32 rounding of the fused and eager norms compounds over 30 layers
     assert_same_model_outputs(eager, model, x, t, tol_scale=5.0)
@@ -112,3 +113,59 @@ def test_scale_shift_resnet_is_reported_not_patched():
     report = genkern.patch(block)
     assert len(report) == 0 and "scale_shift" in report.skipped[0]
     assert type(block.norm1) is nn.GroupNorm
+
+
+def test_diffusers_unet2d_condition():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    eager = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
+    model = copy.deepcopy(eager)
+    report = genkern.patch(model)
+    n_resnets = sum(1 for m in eager.modules() if type(m).__name__ == "ResnetBlock2D")
+    assert len(report) == n_resnets + 1 and not report.skipped, str(report)
+    assert any("UNet2DConditionModel.conv_norm_out+conv_act" in r for r in report.replaced), str(report)
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 16)
+    assert_same_model_outputs(eager, model, x, t, text)
+
+
+def test_diffusers_autoencoder_kl():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    eager = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                    layers_per_block=1, norm_num_groups=8)
+    model = copy.deepcopy(eager)
+    report = genkern.patch(model)
+    n_resnets = sum(1 for m in eager.modules() if type(m).__name__ == "ResnetBlock2D")
+    assert len(report) == n_resnets + 2 and not report.skipped, str(report)  # + encoder and decoder heads
+    for part in (model.encoder, model.decoder):
+        assert isinstance(part.conv_norm_out, genkern.nn.GroupNormSiLU) and isinstance(part.conv_act, nn.Identity)
+
+    def forward(vae, x):  # deterministic: the posterior's mean, no sampling
+        return vae.decode(vae.encode(x).latent_dist.mode()).sample
+    x = torch.randn(2, 3, 16, 16)
+    ye, yp = forward(eager, x), forward(model, x)
+    assert_close(yp, ye.double(), torch.float32, "reconstruction", scale=ye.abs().max().item())
+    (forward(eager, x).double() ** 2).mean().backward()
+    (forward(model, x).double() ** 2).mean().backward()
+    for (n, pe), (_, pp) in zip(eager.named_parameters(), model.named_parameters()):
+        assert_close(pp.grad, pe.grad.double(), torch.float32, f"grad {n}", scale=pe.grad.abs().max().item())
+
+
+def test_unchecked_diffusers_output_head_is_reported_not_patched():
+    vae = pytest.importorskip("diffusers.models.autoencoders.vae")
+    # the MoVQ decoder's head is a SpatialNorm (conditioned on the latent), not a GroupNorm
+    decoder = vae.Decoder(in_channels=4, out_channels=3, block_out_channels=(32,),
+                                                        norm_num_groups=8, norm_type="spatial")
+    report = genkern.patch(decoder)
+    assert not isinstance(decoder.conv_norm_out, genkern.nn.GroupNormSiLU) and type(decoder.conv_act) is nn.SiLU
+    assert any("conv_norm_out is SpatialNorm" in s for s in report.skipped), str(report)
+    # a class with the same attribute names whose forward genkern has not read
+    Unknown = type("UNetSomethingNew", (nn.Module,), {"__module__": "diffusers.models.unets.new"})
+    m = Unknown()
+    m.conv_norm_out, m.conv_act = nn.GroupNorm(2, 4), nn.SiLU()
+    report = genkern.patch(m)
+    assert len(report) == 0 and "has not checked" in report.skipped[0] and type(m.conv_norm_out) is nn.GroupNorm
