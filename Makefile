@@ -18,10 +18,11 @@ bench: build
 	$(PY) -m bench $(BENCH_ARGS)
 	$(MAKE) --no-print-directory demo
 
-# The reference models' path end to end, briefly: train the digits DDPM, write a grid of samples.
+# The reference models' path end to end, briefly: train the digits DDPM, write a grid of samples, score them.
 demo: build
 	$(PY) -m models.ddpm train --steps $(DEMO_STEPS) --out runs/ddpm-digits-brief --quiet
 	$(PY) -m models.ddpm sample --ckpt runs/ddpm-digits-brief/ckpt.pt --out runs/ddpm-digits-brief/samples.png
+	$(PY) -m models.ddpm evaluate --ckpt runs/ddpm-digits-brief/ckpt.pt --n 30 --quiet --out runs/ddpm-digits-brief/quality.json
 DEMO_STEPS ?= 300
 
 build: genkern/_C.so

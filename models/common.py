@@ -45,9 +45,9 @@ def add_train_args(p: argparse.ArgumentParser, *, steps: int, out: str, batch: i
     p.add_argument("--quiet", action="store_true")
 
 
-def add_sample_args(p: argparse.ArgumentParser, *, ckpt: str, out: str) -> None:
+def add_sample_args(p: argparse.ArgumentParser, *, ckpt: str, out: str | None, out_help: str = "PNG file") -> None:
     p.add_argument("--ckpt", default=ckpt)
-    p.add_argument("--out", default=out, help="PNG file")
+    p.add_argument("--out", default=out, help=out_help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=default_device())
     p.add_argument("--quiet", action="store_true")
@@ -120,10 +120,11 @@ class TrainRun:
         return {"steps": self.step, "history": history, "seconds": took, "checkpoint": self.path}
 
 
-def run_cli(args, train, sample) -> None:
-    """Dispatches the parsed `train` / `sample` sub-command."""
+def run_cli(args, train, sample, **commands) -> None:
+    """Dispatches the parsed `train` / `sample` sub-command, or one of `commands` (name -> function of
+    the parsed arguments) that reads a checkpoint as `sample` does."""
     if args.cmd == "train":
         train(args)
     else:
         require_checkpoint(args.ckpt)
-        sample(args)
+        commands.get(args.cmd, sample)(args)

@@ -2,6 +2,7 @@
 
     python -m models.ddpm train  --config digits --steps 1500 --out runs/ddpm-digits
     python -m models.ddpm sample --ckpt runs/ddpm-digits/ckpt.pt --out digits.png --guidance 2
+    python -m models.ddpm evaluate --ckpt runs/ddpm-digits/ckpt.pt --n 50
 
 Training (Ho et al. 2020, algorithm 1): x_t = add_noise(x_0, eps, t) with t uniform, loss
 ||eps - eps_theta(x_t, t)||^2, Adam, an EMA of the weights for sampling. Class-conditional configs
@@ -12,17 +13,22 @@ Checkpoints (torch.save) hold the model, the EMA, the optimizer, the step and th
 Sampling uses genkern's fused samplers (DDPM or DDIM steps, in-kernel noise, guidance in the step),
 and writes a PNG grid (torchvision.utils.save_image): one row per class label, or, with
 ``--inpaint``, rows of known images, their masked versions and the completions.
+
+``evaluate`` draws n class-conditional samples per digit and scores them against the real digits
+(models/quality.py: a real-digit classifier's accuracy on their labels, and a Fréchet distance).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 
 import torch
 import torch.nn.functional as F
 
 from genkern.diffusion import DDIMScheduler, DDPMScheduler, sample as run_sampler
 
-from . import data
+from . import data, quality
 from .common import TrainRun, add_sample_args, add_train_args, load_checkpoint, run_cli, save_grid
 from .ema import EMA
 from .unet import CONFIGS, UNet
@@ -122,6 +128,28 @@ def sample(args) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
+def evaluate(args) -> quality.Quality:
+    device = torch.device(args.device)
+    model, run = load_for_sampling(args.ckpt, device, use_ema=not args.no_ema)
+    cfg = CONFIGS[run["config"]]
+    if run["data"] != "digits" or model.null_label is None or cfg.in_channels != 1:
+        raise SystemExit(f"evaluate: needs a class-conditional model trained on the digits, {args.ckpt} holds "
+                         f"config {run['config']!r} trained on {run['data']!r}")
+    labels = torch.arange(cfg.num_classes).repeat_interleave(args.n)
+    out = run_sampler(model, DDIMScheduler(**scheduler_kwargs(run)),
+                      (labels.numel(), cfg.in_channels, cfg.image_size, cfg.image_size),
+                      class_labels=labels.to(device), guidance_scale=args.guidance, null_label=model.null_label,
+                      num_inference_steps=args.steps, eta=0.0, seed=args.seed, device=device, progress=not args.quiet)
+    q = quality.evaluate(out, labels)
+    print(f"{args.ckpt}: {q} (DDIM {args.steps} steps, guidance {args.guidance})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({**dataclasses.asdict(q), "ckpt": args.ckpt, "ddim_steps": args.steps, "guidance": args.guidance,
+                       "seed": args.seed, "ema": not args.no_ema}, f, indent=1)
+    return q
+
+
 def parse_labels(spec: str, num_classes: int) -> torch.Tensor:
     labels = list(range(num_classes)) if spec == "all" else [int(v) for v in spec.split(",")]
     bad = [v for v in labels if not 0 <= v < num_classes]
@@ -150,7 +178,13 @@ def main(argv=None):
     s.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance weight w")
     s.add_argument("--inpaint", action="store_true", help="complete the bottom half of real images")
     s.add_argument("--no-ema", dest="no_ema", action="store_true", help="sample the raw weights, not the EMA")
-    run_cli(p.parse_args(argv), train, sample)
+    e = sub.add_parser("evaluate", help="score class-conditional digit samples against the real digits")
+    add_sample_args(e, ckpt="runs/ddpm-digits/ckpt.pt", out=None, out_help="JSON file for the figures (default: print only)")
+    e.add_argument("--n", type=int, default=50, help="samples per digit")
+    e.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    e.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance weight w")
+    e.add_argument("--no-ema", dest="no_ema", action="store_true", help="sample the raw weights, not the EMA")
+    run_cli(p.parse_args(argv), train, sample, evaluate=evaluate)
 
 
 if __name__ == "__main__":
