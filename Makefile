@@ -22,7 +22,7 @@ bench: build
 demo: build
 	$(PY) -m models.ddpm train --steps $(DEMO_STEPS) --out runs/ddpm-digits-brief --quiet
 	$(PY) -m models.ddpm sample --ckpt runs/ddpm-digits-brief/ckpt.pt --out runs/ddpm-digits-brief/samples.png
-	$(PY) -m models.ddpm evaluate --ckpt runs/ddpm-digits-brief/ckpt.pt --n 30 --quiet --out runs/ddpm-digits-brief/quality.json
+	$(PY) -m models.ddpm evaluate --ckpt runs/ddpm-digits-brief/ckpt.pt --n 300 --quiet --out runs/ddpm-digits-brief/quality.json
 DEMO_STEPS ?= 300
 
 build: genkern/_C.so

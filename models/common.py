@@ -3,6 +3,8 @@ included), the common command-line options, and PNG grids."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import time
 
@@ -51,6 +53,20 @@ def add_sample_args(p: argparse.ArgumentParser, *, ckpt: str, out: str | None, o
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=default_device())
     p.add_argument("--quiet", action="store_true")
+
+
+def add_evaluate_args(p: argparse.ArgumentParser, *, ckpt: str) -> None:
+    """The options of every model's `evaluate` (models/quality.py scores its samples)."""
+    add_sample_args(p, ckpt=ckpt, out=None, out_help="JSON file for the figures (default: print only)")
+    p.add_argument("--n", type=int, default=500, help="samples (class-conditional: the classes in turn)")
+
+
+def report_quality(args, q, **settings) -> None:
+    """Prints `q` (a models.quality.Quality) and writes it with the settings to args.out (JSON), if given."""
+    print(f"{args.ckpt}: {q}" + "".join(f", {k} {v}" for k, v in settings.items()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({**dataclasses.asdict(q), "ckpt": args.ckpt, "seed": args.seed, **settings}, f, indent=1)
 
 
 def require_checkpoint(path: str) -> None:

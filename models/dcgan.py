@@ -23,8 +23,9 @@ from torch import nn
 
 import genkern
 
-from . import data
-from .common import TrainRun, add_sample_args, add_train_args, load_checkpoint, run_cli, save_grid
+from . import data, quality
+from .common import (TrainRun, add_evaluate_args, add_sample_args, add_train_args, load_checkpoint, report_quality,
+                     run_cli, save_grid)
 from .layers import eager_gradient_penalty, slerp_strip
 
 CONFIGS = {
@@ -163,14 +164,18 @@ def train(args) -> dict:
     return tr.loop(one_step)
 
 
+def load_generator(ckpt: str, device) -> "Generator":
+    state = load_checkpoint(ckpt, device, restore_rng=False)
+    G, _ = build(state["run"], device)
+    G.load_state_dict(state["G"])
+    return G.eval()
+
+
 @torch.no_grad()
 def sample(args) -> torch.Tensor:
     """A grid (conditional: one row per class), then a row of slerp interpolations between two latents."""
     device = torch.device(args.device)
-    state = load_checkpoint(args.ckpt, device, restore_rng=False)
-    G, _ = build(state["run"], device)
-    G.load_state_dict(state["G"])
-    G.eval()
+    G = load_generator(args.ckpt, device)
     g = torch.Generator().manual_seed(args.seed)
     rows = G.num_classes or args.n
     labels = torch.arange(rows).repeat_interleave(args.n) if G.num_classes else None
@@ -182,6 +187,17 @@ def sample(args) -> torch.Tensor:
     out = G(torch.cat([z, z_path]).to(device), labels)
     save_grid(out, args.out, nrow=args.n)
     return out
+
+
+@torch.no_grad()
+def evaluate(args) -> quality.Quality:
+    device = torch.device(args.device)
+    G = load_generator(args.ckpt, device)
+    z = torch.randn(args.n, G.latent, generator=torch.Generator().manual_seed(args.seed))
+    labels = quality.balanced_labels(args.n, G.num_classes) if G.num_classes else None
+    q = quality.evaluate(G(z.to(device), None if labels is None else labels.to(device)), labels)
+    report_quality(args, q)
+    return q
 
 
 def main(argv=None):
@@ -196,7 +212,9 @@ def main(argv=None):
     s = sub.add_parser("sample", help="a grid of samples (a row per class) and a latent slerp strip (last row)")
     add_sample_args(s, ckpt="runs/dcgan-digits/ckpt.pt", out="dcgan.png")
     s.add_argument("--n", type=int, default=8, help="samples per row")
-    run_cli(p.parse_args(argv), train, sample)
+    e = sub.add_parser("evaluate", help="score samples against the real digits (models/quality.py)")
+    add_evaluate_args(e, ckpt="runs/dcgan-digits/ckpt.pt")
+    run_cli(p.parse_args(argv), train, sample, evaluate=evaluate)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python -m models.ddpm train  --config digits --steps 1500 --out runs/ddpm-digits
     python -m models.ddpm sample --ckpt runs/ddpm-digits/ckpt.pt --out digits.png --guidance 2
-    python -m models.ddpm evaluate --ckpt runs/ddpm-digits/ckpt.pt --n 50
+    python -m models.ddpm evaluate --ckpt runs/ddpm-digits/ckpt.pt --n 500
 
 Training (Ho et al. 2020, algorithm 1): x_t = add_noise(x_0, eps, t) with t uniform, loss
 ||eps - eps_theta(x_t, t)||^2, Adam, an EMA of the weights for sampling. Class-conditional configs
@@ -14,14 +14,12 @@ Sampling uses genkern's fused samplers (DDPM or DDIM steps, in-kernel noise, gui
 and writes a PNG grid (torchvision.utils.save_image): one row per class label, or, with
 ``--inpaint``, rows of known images, their masked versions and the completions.
 
-``evaluate`` draws n class-conditional samples per digit and scores them against the real digits
+``evaluate`` draws n class-conditional samples (the digits in turn) and scores them against the real digits
 (models/quality.py: a real-digit classifier's accuracy on their labels, and a Fréchet distance).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +27,8 @@ import torch.nn.functional as F
 from genkern.diffusion import DDIMScheduler, DDPMScheduler, sample as run_sampler
 
 from . import data, quality
-from .common import TrainRun, add_sample_args, add_train_args, load_checkpoint, run_cli, save_grid
+from .common import (TrainRun, add_evaluate_args, add_sample_args, add_train_args, load_checkpoint, report_quality,
+                     run_cli, save_grid)
 from .ema import EMA
 from .unet import CONFIGS, UNet
 
@@ -136,17 +135,13 @@ def evaluate(args) -> quality.Quality:
     if run["data"] != "digits" or model.null_label is None or cfg.in_channels != 1:
         raise SystemExit(f"evaluate: needs a class-conditional model trained on the digits, {args.ckpt} holds "
                          f"config {run['config']!r} trained on {run['data']!r}")
-    labels = torch.arange(cfg.num_classes).repeat_interleave(args.n)
+    labels = quality.balanced_labels(args.n, cfg.num_classes)
     out = run_sampler(model, DDIMScheduler(**scheduler_kwargs(run)),
                       (labels.numel(), cfg.in_channels, cfg.image_size, cfg.image_size),
                       class_labels=labels.to(device), guidance_scale=args.guidance, null_label=model.null_label,
                       num_inference_steps=args.steps, eta=0.0, seed=args.seed, device=device, progress=not args.quiet)
     q = quality.evaluate(out, labels)
-    print(f"{args.ckpt}: {q} (DDIM {args.steps} steps, guidance {args.guidance})")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({**dataclasses.asdict(q), "ckpt": args.ckpt, "ddim_steps": args.steps, "guidance": args.guidance,
-                       "seed": args.seed, "ema": not args.no_ema}, f, indent=1)
+    report_quality(args, q, ddim_steps=args.steps, guidance=args.guidance, ema=not args.no_ema)
     return q
 
 
@@ -179,8 +174,7 @@ def main(argv=None):
     s.add_argument("--inpaint", action="store_true", help="complete the bottom half of real images")
     s.add_argument("--no-ema", dest="no_ema", action="store_true", help="sample the raw weights, not the EMA")
     e = sub.add_parser("evaluate", help="score class-conditional digit samples against the real digits")
-    add_sample_args(e, ckpt="runs/ddpm-digits/ckpt.pt", out=None, out_help="JSON file for the figures (default: print only)")
-    e.add_argument("--n", type=int, default=50, help="samples per digit")
+    add_evaluate_args(e, ckpt="runs/ddpm-digits/ckpt.pt")
     e.add_argument("--steps", type=int, default=50, help="DDIM steps")
     e.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance weight w")
     e.add_argument("--no-ema", dest="no_ema", action="store_true", help="sample the raw weights, not the EMA")

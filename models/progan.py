@@ -24,8 +24,9 @@ from torch import nn
 
 import genkern
 
-from . import data
-from .common import TrainRun, add_sample_args, add_train_args, load_checkpoint, run_cli, save_grid
+from . import data, quality
+from .common import (TrainRun, add_evaluate_args, add_sample_args, add_train_args, load_checkpoint, report_quality,
+                     run_cli, save_grid)
 from .layers import EqualizedConv2d, EqualizedLinear, eager_gradient_penalty, minibatch_stddev, pixel_norm, slerp_strip
 
 CONFIGS = {
@@ -170,13 +171,18 @@ def train(args) -> dict:
     return tr.loop(one_step)
 
 
+def load_generator(ckpt: str, device) -> "Generator":
+    state = load_checkpoint(ckpt, device, restore_rng=False)
+    G = Generator(state["run"]["config"]).to(device).eval()
+    G.load_state_dict(state["G"])
+    return G
+
+
 @torch.no_grad()
 def sample(args) -> torch.Tensor:
     """A grid of samples, then a row of slerp interpolations between two latents."""
     device = torch.device(args.device)
-    state = load_checkpoint(args.ckpt, device, restore_rng=False)
-    G = Generator(state["run"]["config"]).to(device).eval()
-    G.load_state_dict(state["G"])
+    G = load_generator(args.ckpt, device)
     g = torch.Generator().manual_seed(args.seed)
     z = torch.randn(args.n * args.n, G.latent, generator=g)
     ends = torch.randn(2, G.latent, generator=g)
@@ -184,6 +190,16 @@ def sample(args) -> torch.Tensor:
     out = G(torch.cat([z, z_path]).to(device))
     save_grid(out, args.out, nrow=args.n)
     return out
+
+
+@torch.no_grad()
+def evaluate(args) -> quality.Quality:
+    device = torch.device(args.device)
+    G = load_generator(args.ckpt, device)
+    z = torch.randn(args.n, G.latent, generator=torch.Generator().manual_seed(args.seed))
+    q = quality.evaluate(G(z.to(device)))
+    report_quality(args, q)
+    return q
 
 
 def main(argv=None):
@@ -196,7 +212,9 @@ def main(argv=None):
     s = sub.add_parser("sample", help="a grid of samples and a latent slerp strip (last row)")
     add_sample_args(s, ckpt="runs/progan-digits/ckpt.pt", out="progan.png")
     s.add_argument("--n", type=int, default=8, help="grid side (and strip length)")
-    run_cli(p.parse_args(argv), train, sample)
+    e = sub.add_parser("evaluate", help="score samples against the real digits (models/quality.py)")
+    add_evaluate_args(e, ckpt="runs/progan-digits/ckpt.pt")
+    run_cli(p.parse_args(argv), train, sample, evaluate=evaluate)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Sample quality of the digits models, with nothing downloaded: real digits judge generated ones.
+"""Sample quality of the digits models (each model's ``evaluate`` command), with nothing downloaded:
+real digits judge generated ones.
 
 scikit-learn's 1797 digits are split once (seeded) into 1297 to fit on and 500 held out. Images of any
 size in [-1, 1] are compared as 8x8 (2x2 area means of the models' 16x16, the digits' native size),
 through the same `features` for real and generated images. Two figures, each beside what the held-out
 real digits score (the ceiling a perfect generator reaches, up to sampling noise):
 
-* **label accuracy**: the share of class-conditional samples that a classifier fitted on the real
-  digits puts in the class they were drawn for. It needs samples that are both digit-like and on their
-  label (classifier-free guidance); chance is 10%. The classifier is multinomial logistic regression
+* **label accuracy** (class-conditional models only: the DDPM, the conditional DCGAN): the share of
+  samples that a classifier fitted on the real digits puts in the class they were drawn for. It needs
+  samples that are both digit-like and on their label; chance is 10%. The classifier is multinomial logistic regression
   on the 64 pixels (scikit-learn), ~96% on the held-out digits.
 * **Fréchet distance** between the Gaussians fitted to generated and to held-out real features,
   ``||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))``: the formula of the FID (Heusel et al.,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +56,14 @@ def _classifier(size: int):
     return LogisticRegression(max_iter=2000, C=1.0).fit(f_fit.numpy(), y_fit.numpy())
 
 
-def label_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of `images` the real-digit classifier assigns to their `labels`."""
-    pred = _classifier(images.shape[-1]).predict(features(images).numpy())
+def _accuracy(f: torch.Tensor, labels: torch.Tensor, size: int) -> float:
+    pred = _classifier(size).predict(f.numpy())
     return float((torch.from_numpy(pred) == labels.cpu()).double().mean())
+
+
+def label_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of `images` the real-digit classifier (fitted at their size) assigns to their `labels`."""
+    return _accuracy(features(images), labels, images.shape[-1])
 
 
 def gaussian_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,26 +88,40 @@ def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2:
 
 @dataclass
 class Quality:
-    label_accuracy: float       # generated samples on their label (chance 0.1)
-    real_label_accuracy: float  # the held-out digits on theirs: the ceiling
     frechet: float              # generated vs held-out real
     real_frechet: float         # as many fitted real digits vs the held-out ones: the floor
     n: int
+    label_accuracy: Optional[float] = None       # class-conditional samples on their label (chance 0.1)
+    real_label_accuracy: Optional[float] = None  # the held-out digits on theirs: the ceiling
 
     def __str__(self) -> str:
-        return (f"label accuracy {100 * self.label_accuracy:.1f}% (held-out real digits {100 * self.real_label_accuracy:.1f}%, "
-                f"chance 10%); Frechet distance on 8x8 pixels {self.frechet:.3f} (held-out real digits "
-                f"{self.real_frechet:.3f}); {self.n} samples")
+        text = (f"Frechet distance on 8x8 pixels {self.frechet:.3f} (held-out real digits {self.real_frechet:.3f}); "
+                f"{self.n} samples")
+        if self.label_accuracy is None:
+            return text
+        return (f"label accuracy {100 * self.label_accuracy:.1f}% (held-out real digits "
+                f"{100 * self.real_label_accuracy:.1f}%, chance 10%); " + text)
 
 
-def evaluate(images: torch.Tensor, labels: torch.Tensor) -> Quality:
-    """Both figures for class-conditional samples `images` ([N, 1, S, S] in [-1, 1]) drawn for `labels`."""
-    if labels.shape != (images.shape[0],):
+def balanced_labels(n: int, num_classes: int = 10) -> torch.Tensor:
+    """n labels, each class in turn for n / num_classes consecutive samples (sorted, as evenly as n allows)."""
+    return torch.arange(n) * num_classes // n
+
+
+def evaluate(images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Quality:
+    """The figures for samples `images` ([N, 1, S, S] in [-1, 1]); the label accuracy too where they
+    were drawn class-conditionally for `labels`."""
+    if labels is not None and labels.shape != (images.shape[0],):
         raise ValueError(f"evaluate: labels must be [{images.shape[0]}] (one per image), got {tuple(labels.shape)}")
+    if images.shape[0] < 2:
+        raise ValueError(f"evaluate: needs at least 2 images for a covariance, got {images.shape[0]}")
     f_fit, _, f_held, y_held = real_split(images.shape[-1])
     held = gaussian_stats(f_held)
     n = min(images.shape[0], f_fit.shape[0])
     f_real = f_fit[torch.randperm(f_fit.shape[0], generator=torch.Generator().manual_seed(1))[:n]]
-    real_acc = float((torch.from_numpy(_classifier(images.shape[-1]).predict(f_held.numpy())) == y_held).double().mean())
-    return Quality(label_accuracy(images, labels), real_acc, frechet_distance(*gaussian_stats(features(images)), *held),
-                   frechet_distance(*gaussian_stats(f_real), *held), images.shape[0])
+    q = Quality(frechet_distance(*gaussian_stats(features(images)), *held),
+                frechet_distance(*gaussian_stats(f_real), *held), images.shape[0])
+    if labels is not None:
+        q.label_accuracy = label_accuracy(images, labels)
+        q.real_label_accuracy = _accuracy(f_held, y_held, images.shape[-1])
+    return q

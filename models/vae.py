@@ -18,8 +18,9 @@ import argparse
 import torch
 from torch import nn
 
-from . import data
-from .common import TrainRun, add_sample_args, add_train_args, load_checkpoint, run_cli, save_grid
+from . import data, quality
+from .common import (TrainRun, add_evaluate_args, add_sample_args, add_train_args, load_checkpoint, report_quality,
+                     run_cli, save_grid)
 from .layers import group_norm_silu, slerp_strip
 
 CONFIGS = {
@@ -110,14 +111,18 @@ def train(args) -> dict:
     return tr.loop(one_step)
 
 
+def load_model(ckpt: str, device) -> tuple["VAE", dict]:
+    state = load_checkpoint(ckpt, device, restore_rng=False)
+    model = VAE(state["run"]["config"]).to(device).eval()
+    model.load_state_dict(state["model"])
+    return model, state["run"]
+
+
 @torch.no_grad()
 def sample(args) -> torch.Tensor:
     """Rows of decoded z ~ N(0, I), then a row interpolating (slerp) between two real images' codes."""
     device = torch.device(args.device)
-    state = load_checkpoint(args.ckpt, device, restore_rng=False)
-    run = state["run"]
-    model = VAE(run["config"]).to(device).eval()
-    model.load_state_dict(state["model"])
+    model, run = load_model(args.ckpt, device)
     cfg = CONFIGS[run["config"]]
     g = torch.Generator().manual_seed(args.seed)
     z = torch.randn((args.n * args.n,) + model.latent_shape, generator=g).to(device)
@@ -128,6 +133,17 @@ def sample(args) -> torch.Tensor:
     out = model.decode(torch.cat([z, path]))
     save_grid(out, args.out, nrow=args.n)
     return out
+
+
+@torch.no_grad()
+def evaluate(args) -> quality.Quality:
+    """Decoded z ~ N(0, I) (the decoder's mean), scored against the real digits."""
+    device = torch.device(args.device)
+    model, _ = load_model(args.ckpt, device)
+    z = torch.randn((args.n,) + model.latent_shape, generator=torch.Generator().manual_seed(args.seed))
+    q = quality.evaluate(model.decode(z.to(device)))
+    report_quality(args, q)
+    return q
 
 
 def main(argv=None):
@@ -141,7 +157,9 @@ def main(argv=None):
     s = sub.add_parser("sample", help="decoded samples and a slerp strip between two encoded digits")
     add_sample_args(s, ckpt="runs/vae-digits/ckpt.pt", out="vae.png")
     s.add_argument("--n", type=int, default=8, help="grid side (and strip length)")
-    run_cli(p.parse_args(argv), train, sample)
+    e = sub.add_parser("evaluate", help="score decoded prior samples against the real digits (models/quality.py)")
+    add_evaluate_args(e, ckpt="runs/vae-digits/ckpt.pt")
+    run_cli(p.parse_args(argv), train, sample, evaluate=evaluate)
 
 
 if __name__ == "__main__":

@@ -50,18 +50,44 @@ def test_figures_tell_real_digits_from_noise_and_wrong_labels():
     assert quality.evaluate(x[other], (y[other] + 1) % 10).label_accuracy < 0.1
 
 
-def test_evaluate_command_scores_the_samples_the_sampler_draws(tmp_path):
+def test_balanced_labels():
+    assert torch.equal(quality.balanced_labels(20), torch.arange(10).repeat_interleave(2))
+    labels = quality.balanced_labels(37)
+    counts = torch.bincount(labels, minlength=10)
+    assert labels.shape == (37,) and torch.equal(labels, labels.sort().values) and counts.max() - counts.min() <= 1
+
+
+def test_ddpm_evaluate_scores_the_samples_the_sampler_draws(tmp_path):
     from models.ddpm import main, sample
 
     main(["train", "--steps", "2", "--batch", "4", "--out", str(tmp_path), "--quiet", "--device", "cpu"])
     ckpt, out = str(tmp_path / "ckpt.pt"), tmp_path / "q.json"
-    main(["evaluate", "--ckpt", ckpt, "--n", "2", "--steps", "3", "--seed", "7", "--quiet", "--device", "cpu",
+    main(["evaluate", "--ckpt", ckpt, "--n", "20", "--steps", "3", "--seed", "7", "--quiet", "--device", "cpu",
           "--out", str(out)])
     got = json.loads(out.read_text())
     x = sample(argparse.Namespace(ckpt=ckpt, out=str(tmp_path / "s.png"), sampler="ddim", steps=3, eta=0.0,
                                   labels="all", n=2, guidance=2.0, no_ema=False, inpaint=False, seed=7,
                                   device="cpu", quiet=True))
-    want = quality.evaluate(x, torch.arange(10).repeat_interleave(2))
+    want = quality.evaluate(x, quality.balanced_labels(20))
     assert got["n"] == 20 and got["ddim_steps"] == 3
     for k in ("label_accuracy", "real_label_accuracy", "frechet", "real_frechet"):
         assert got[k] == pytest.approx(getattr(want, k), rel=1e-12, abs=1e-12), k
+
+
+@pytest.mark.parametrize("model, train_args, conditional", [
+    ("progan", ["--steps", "2", "--batch", "4", "--phase", "1"], False),
+    ("dcgan", ["--steps", "2", "--batch", "8", "--conditional"], True),
+    ("vae", ["--steps", "2", "--batch", "8"], False),
+])
+def test_gan_and_vae_evaluate(tmp_path, model, train_args, conditional):
+    import importlib
+    main = importlib.import_module(f"models.{model}").main
+    main(["train", *train_args, "--out", str(tmp_path), "--quiet", "--device", "cpu"])
+    out = tmp_path / "q.json"
+    main(["evaluate", "--ckpt", str(tmp_path / "ckpt.pt"), "--n", "30", "--quiet", "--device", "cpu", "--out", str(out)])
+    got = json.loads(out.read_text())
+    # the floor depends only on n: any 30 images give it
+    floor = quality.evaluate(torch.zeros(30, 1, 16, 16).uniform_(-1, 1)).real_frechet
+    assert got["n"] == 30 and got["real_frechet"] == pytest.approx(floor, rel=1e-12)
+    assert 0 <= got["frechet"] < float("inf")
+    assert (got["label_accuracy"] is not None) == conditional and (got["real_label_accuracy"] is not None) == conditional
