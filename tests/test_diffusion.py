@@ -49,7 +49,7 @@ def _run_both(ours, ref, steps, shape, step_kwargs, cfg=False, channels_last=Fal
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
-@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
 @pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
 def test_ddpm_step_matches_diffusers(pred, variance_type, clip):
     cfg = dict(prediction_type=pred, variance_type=variance_type, clip_sample=clip)

@@ -241,8 +241,8 @@ class _Scheduler:
 
 class DDPMScheduler(_Scheduler):
     """Ancestral sampling of Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models" (2020), with the
-    keywords and defaults of diffusers.DDPMScheduler (variance_type "fixed_small" = beta~_t or
-    "fixed_large" = beta_t)."""
+    keywords and defaults of diffusers.DDPMScheduler (variance_type "fixed_small" = beta~_t, or its
+    "fixed_small_log" form, the same sigma; "fixed_large" = beta_t)."""
     _method = "ddpm"
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,

@@ -27,7 +27,7 @@ from .._layout import elementwise_strides, to_strides
 from .. import reference as _reference
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 METHODS = ("ddpm", "ddim")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -61,7 +61,8 @@ def step_coefficients(alpha_prod_t: float, alpha_prod_t_prev: float, *, method: 
     DDPM (Ho et al. 2020, eq. 7): posterior mean coefficients
       coef_x0 = sqrt(abar_prev) beta_t / (1 - abar_t),  coef_sample = sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t)
     with beta_t = 1 - abar_t / abar_prev, and sigma^2 = beta~_t = (1 - abar_prev) / (1 - abar_t) beta_t
-    ("fixed_small", floored at 1e-20 as diffusers does) or beta_t ("fixed_large").
+    ("fixed_small", floored at 1e-20 as diffusers does) or beta_t ("fixed_large"). diffusers' "fixed_small_log"
+    takes exp(log(beta~_t) / 2) for the same sigma: accepted as "fixed_small" (configs carry it).
     DDIM (Song et al. 2021, eq. 12): sigma = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)),
       coef_x0 = sqrt(abar_prev), coef_eps = sqrt(1 - abar_prev - sigma^2).
     last_step: no noise (sigma = 0, and the known region of inpainting is not re-noised).
@@ -82,7 +83,7 @@ def step_coefficients(alpha_prod_t: float, alpha_prod_t_prev: float, *, method: 
         coef_x0 = math.sqrt(a_p) * beta_t / (1.0 - a_t)
         coef_sample = math.sqrt(a_t / a_p) * (1.0 - a_p) / (1.0 - a_t)
         coef_eps = 0.0
-        var = max((1.0 - a_p) / (1.0 - a_t) * beta_t, 1e-20) if variance_type == "fixed_small" else beta_t
+        var = beta_t if variance_type == "fixed_large" else max((1.0 - a_p) / (1.0 - a_t) * beta_t, 1e-20)
         sigma = 0.0 if last_step else math.sqrt(max(var, 0.0))
     else:
         sigma = 0.0 if last_step else eta * math.sqrt(max((1.0 - a_p) / (1.0 - a_t) * beta_t, 0.0))
