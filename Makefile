@@ -8,6 +8,9 @@ TORCH_PIN   := torch==2.14.1 torchvision==0.29.1
 DEV_DEPS    := ninja numpy pytest pytest-benchmark expecttest tqdm matplotlib diffusers scikit-learn
 SOURCES     := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 export MAX_JOBS ?= 2
+# The venv's stamp is named by a checksum of what it installs: changing the pins reinstalls (and rebuilds
+# genkern._C), other edits of this Makefile do not (a stamp that depended on the Makefile did both).
+DEPS_STAMP  := $(VENV)/.deps-$(shell echo '$(PYTHON_BOOT) $(TORCH_PIN) $(DEV_DEPS)' | cksum | cut -d' ' -f1)
 
 .PHONY: test bench demo build venv clean gpu-check gpu-env-check
 
@@ -27,18 +30,19 @@ DEMO_STEPS ?= 300
 
 build: genkern/_C.so
 
-venv: $(VENV)/.deps
+venv: $(DEPS_STAMP)
 
-$(VENV)/.deps: Makefile pyproject.toml
+$(DEPS_STAMP): pyproject.toml
 	@command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) (set PYTHON_BOOT=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q $(DEV_DEPS)
+	rm -f $(VENV)/.deps*
 	touch $@
 
 # torch is already in the venv, so build against it (no isolated build env).
-genkern/_C.so: $(VENV)/.deps $(SOURCES)
+genkern/_C.so: $(DEPS_STAMP) $(SOURCES)
 	$(PIP) install -q -e . --no-build-isolation --no-deps
 	@test -f $@ && touch $@
 
