@@ -87,9 +87,12 @@ def _patch_sequential(name: str, seq: nn.Sequential, report: PatchReport) -> Non
         report.replaced.append(f"{name or '<root>'}.{a}+{b}: GroupNorm -> {kind} fused")
 
 
+def _from_diffusers(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("diffusers.")
+
+
 def _is_diffusers_resnet(m: nn.Module) -> bool:
-    cls = type(m)
-    return cls.__name__ == "ResnetBlock2D" and cls.__module__.startswith("diffusers.")
+    return type(m).__name__ == "ResnetBlock2D" and _from_diffusers(m)
 
 
 def _patch_diffusers_resnet(name: str, block: nn.Module, report: PatchReport) -> None:
@@ -116,8 +119,8 @@ _DIFFUSERS_NORM_OUT = ("UNet2DModel", "UNet2DConditionModel", "Encoder", "Decode
 
 
 def _has_diffusers_norm_out(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("diffusers.") and \
-        isinstance(getattr(m, "conv_norm_out", None), nn.Module) and isinstance(getattr(m, "conv_act", None), nn.Module)
+    return _from_diffusers(m) and isinstance(getattr(m, "conv_norm_out", None), nn.Module) and \
+        isinstance(getattr(m, "conv_act", None), nn.Module)
 
 
 def _patch_diffusers_norm_out(name: str, m: nn.Module, report: PatchReport) -> None:

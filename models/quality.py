@@ -119,9 +119,6 @@ def evaluate(images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Qua
     held = gaussian_stats(f_held)
     n = min(images.shape[0], f_fit.shape[0])
     f_real = f_fit[torch.randperm(f_fit.shape[0], generator=torch.Generator().manual_seed(1))[:n]]
-    q = Quality(frechet_distance(*gaussian_stats(features(images)), *held),
-                frechet_distance(*gaussian_stats(f_real), *held), images.shape[0])
-    if labels is not None:
-        q.label_accuracy = label_accuracy(images, labels)
-        q.real_label_accuracy = _accuracy(f_held, y_held, images.shape[-1])
-    return q
+    accuracies = () if labels is None else (label_accuracy(images, labels), _accuracy(f_held, y_held, images.shape[-1]))
+    return Quality(frechet_distance(*gaussian_stats(features(images)), *held),
+                   frechet_distance(*gaussian_stats(f_real), *held), images.shape[0], *accuracies)
